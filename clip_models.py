@@ -1,0 +1,54 @@
+"""Loading OpenAI CLIP models by name (real weights) or from a local state_dict file (e.g. the toy world's CLIP).
+
+`clip.load(path)` cannot read a plain state_dict under torch 1.12 (it tries `torch.jit.load` first, which consumes
+the file handle, then re-reads the exhausted handle), so local files go through `clip.model.build_model` here.
+"""
+import os
+from typing import Callable, Tuple
+
+import clip
+import torch
+from clip.model import CLIP, build_model
+from PIL import Image
+from torchvision import transforms
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """CLIP's own preprocessing: bicubic resize of the short side, centre crop, RGB, normalise."""
+    return transforms.Compose([
+        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(image_size),
+        lambda image: image.convert("RGB"),
+        transforms.ToTensor(),
+        transforms.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+def is_local_checkpoint(name_or_path: str) -> bool:
+    return os.path.sep in name_or_path or name_or_path.endswith((".pt", ".pth", ".bin"))
+
+
+def load_clip(name_or_path: str, device="cpu") -> Tuple[CLIP, Callable[[Image.Image], torch.Tensor]]:
+    """Returns (model in eval mode, image preprocess). fp32 on CPU; fp16 weights on CUDA, as `clip.load` does.
+
+    `name_or_path` is a `clip.available_models()` name (downloaded to ~/.cache/clip by hw3_download.sh) or the path
+    of a state_dict in OpenAI CLIP's layout.
+    """
+    device = torch.device(device)
+    if is_local_checkpoint(name_or_path):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"CLIP checkpoint not found: {name_or_path}")
+        state_dict = torch.load(name_or_path, map_location="cpu")
+        if not isinstance(state_dict, dict) or "visual.conv1.weight" not in state_dict:
+            raise ValueError(f"{name_or_path} is not a state_dict in OpenAI CLIP's layout (no visual.conv1.weight)")
+        model = build_model(state_dict).to(device)  # build_model casts to fp16, like the released weights
+    elif name_or_path in clip.available_models():
+        model, _ = clip.load(name_or_path, device=device, jit=False)
+    else:
+        raise ValueError(f"unknown CLIP model {name_or_path!r}: use one of {clip.available_models()} or a file path")
+    if device.type == "cpu":
+        model = model.float()
+    return model.eval(), clip_transform(model.visual.input_resolution)
