@@ -1,0 +1,220 @@
+"""hw3_download.sh against a local HTTP server on 127.0.0.1, the manifest checks, the backbone pre-load, and the
+grader's script rules (GRADER.md) for every hw3_*.sh."""
+import hashlib
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+
+import hw3_download
+from hw3_download import FAILED, NOT_PUBLISHED, OK, ManifestError
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = b"trained weights " * 4096
+SHA_GOOD = hashlib.sha256(GOOD).hexdigest()
+# The scripts call `python3`: make it the interpreter running the tests; keep the loopback server off any proxy.
+ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost")
+
+
+class FileServer:
+    """Serves `files` ({url path: bytes}) on an ephemeral 127.0.0.1 port; records every requested path."""
+
+    def __init__(self, files):
+        self.files, self.requests = files, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                body = server.files.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                body = body if body is not None else b"not found"
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.deadline = threading.Timer(120, self.httpd.shutdown)  # stops by itself even if a test hangs
+        self.deadline.daemon = True
+        self.deadline.start()
+
+    def stop(self):
+        self.deadline.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    server = FileServer({"/good.bin": GOOD, "/corrupt.bin": GOOD[:-1] + b"X"})
+    yield server
+    server.stop()
+
+
+def write_manifest(tmp_path, **entry):
+    checkpoint = dict({"name": "p2_best", "path": "checkpoints/p2_best.safetensors", "made_by": "p2_train.py"}, **entry)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"checkpoints": [checkpoint], "backbones": [{"library": "clip", "name": "ViT-B/32"}]}))
+    return path
+
+
+def run_script(manifest, dest_root):
+    return subprocess.run(["bash", str(ROOT / "hw3_download.sh"), "--manifest", str(manifest),
+                           "--dest-root", str(dest_root), "--skip-backbones"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_good_download_then_second_run_skips_it(server, tmp_path):
+    manifest = write_manifest(tmp_path, url=server.url + "/good.bin", sha256=SHA_GOOD)
+    dest = tmp_path / "out" / "checkpoints" / "p2_best.safetensors"
+    first = run_script(manifest, tmp_path / "out")
+    assert first.returncode == OK, first.stderr
+    assert dest.read_bytes() == GOOD
+    assert os.listdir(dest.parent) == [dest.name]  # no temporary folder left beside it
+    assert server.requests == ["/good.bin"]
+
+    second = run_script(manifest, tmp_path / "out")
+    assert second.returncode == OK, second.stderr
+    assert "already present, sha256 verified" in second.stdout
+    assert server.requests == ["/good.bin"]  # no new request
+    assert dest.read_bytes() == GOOD
+
+
+@pytest.mark.parametrize("path, message", [("/corrupt.bin", "sha256 MISMATCH"), ("/missing.bin", "download FAILED")])
+def test_corrupt_or_missing_download_leaves_nothing(server, tmp_path, path, message):
+    manifest = write_manifest(tmp_path, url=server.url + path, sha256=SHA_GOOD)
+    result = run_script(manifest, tmp_path / "out")
+    assert result.returncode == FAILED
+    assert message in result.stderr
+    assert server.requests == [path]
+    assert os.listdir(tmp_path / "out" / "checkpoints") == []  # no file at the destination, no temporary left
+
+
+def test_file_with_another_hash_is_replaced_and_kept_aside(server, tmp_path):
+    manifest = write_manifest(tmp_path, url=server.url + "/good.bin", sha256=SHA_GOOD)
+    dest = tmp_path / "out" / "checkpoints" / "p2_best.safetensors"
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"a checkpoint trained here")
+    result = run_script(manifest, tmp_path / "out")
+    assert result.returncode == OK, result.stderr
+    assert dest.read_bytes() == GOOD
+    assert dest.with_name(dest.name + ".old").read_bytes() == b"a checkpoint trained here"
+
+
+def test_unpublished_checkpoint_is_reported_not_silently_ok(tmp_path):
+    manifest = write_manifest(tmp_path, url="", sha256="")
+    result = run_script(manifest, tmp_path / "out")
+    assert result.returncode == NOT_PUBLISHED
+    assert "not published yet: train it with p2_train.py" in result.stderr
+
+    dest = tmp_path / "out" / "checkpoints" / "p2_best.safetensors"
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"trained locally")
+    result = run_script(manifest, tmp_path / "out")
+    assert result.returncode == OK, result.stderr
+    assert "not published, so no sha256" in result.stdout
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"url": "http://127.0.0.1/x.bin", "sha256": ""}, "needs its sha256"),
+    ({"url": "http://127.0.0.1/x.bin", "sha256": "abc"}, "needs its sha256"),
+    ({"path": "../outside.bin"}, "stay inside"),
+    ({"path": "/abs/p2.bin"}, "stay inside"),
+])
+def test_bad_manifest_entries_are_rejected(tmp_path, entry, message):
+    with pytest.raises(ManifestError, match=message):
+        hw3_download.load_manifest(write_manifest(tmp_path, **entry))
+    assert hw3_download.main(["--manifest", str(tmp_path / "manifest.json"), "--skip-backbones"]) == 2
+
+
+def test_repo_manifest_lists_the_default_backbones():
+    checkpoints, backbones = hw3_download.load_manifest(ROOT / "checkpoints.json")
+    assert [c.path for c in checkpoints] == ["checkpoints/p2_best.safetensors"]
+    assert all(c.made_by for c in checkpoints)
+    names = {(b.library, b.name) for b in backbones}
+    assert {("clip", "ViT-L/14"), ("clip", "ViT-B/32")} <= names
+    assert hw3_download.checkpoint_path("p2_best") == ROOT / "checkpoints" / "p2_best.safetensors"
+    with pytest.raises(ManifestError, match="no checkpoint named"):
+        hw3_download.checkpoint_path("p9")
+
+
+def test_google_drive_links_go_through_gdown_with_output_flag(server, tmp_path):
+    drive_url = "https://drive.google.com/file/d/FILE_ID/view?usp=sharing"
+    command = hw3_download.fetch_command(drive_url, tmp_path / "p2.bin")
+    assert command[1:3] == ["-m", "gdown"] and command[-2:] == ["-O", str(tmp_path / "p2.bin")]
+    assert hw3_download.fetch_command("https://example.org/p2.bin", tmp_path / "p2.bin")[0] == "wget"
+    # The same gdown command line, pointed at the local server, really downloads (gdown takes plain URLs too).
+    command[command.index(drive_url)] = server.url + "/good.bin"
+    subprocess.run(command, env=ENV, check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "p2.bin").read_bytes() == GOOD
+
+
+def test_backbones_are_preloaded_after_checkpoints_and_failures_do_not_stop_the_rest(monkeypatch, tmp_path, capsys):
+    loaded = []
+
+    def clip_load(name, device, jit):
+        if name == "ViT-L/14":
+            raise RuntimeError("connection reset")
+        loaded.append(("clip", name, device))
+
+    monkeypatch.setitem(sys.modules, "clip", types.SimpleNamespace(
+        available_models=lambda: ["ViT-B/32", "ViT-L/14"], load=clip_load))
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(
+        create_model=lambda name, pretrained: loaded.append(("timm", name, pretrained))))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({
+        "checkpoints": [{"name": "p2_best", "path": "p2.bin", "url": "", "sha256": ""}],
+        "backbones": [{"library": "clip", "name": "ViT-L/14"}, {"library": "clip", "name": "ViT-B/32"},
+                      {"library": "clip", "name": "ViT-X/99"}, {"library": "timm", "name": "vit_base_patch16_224"}]}))
+    (tmp_path / "p2.bin").write_bytes(b"trained here")
+
+    assert hw3_download.main(["--manifest", str(manifest), "--dest-root", str(tmp_path)]) == FAILED
+    assert loaded == [("clip", "ViT-B/32", "cpu"), ("timm", "vit_base_patch16_224", True)]
+    err = capsys.readouterr().err
+    assert "clip ViT-L/14: FAILED: RuntimeError: connection reset" in err and "unknown CLIP model" in err
+    assert (tmp_path / "p2.bin").read_bytes() == b"trained here"  # the checkpoint is untouched by backbone failures
+
+    assert hw3_download.main(["--manifest", str(manifest), "--dest-root", str(tmp_path), "--skip-backbones"]) == OK
+
+
+# --- the grader's script rules ----------------------------------------------------------------------------------------
+FORBIDDEN_COMMANDS = {"rm", "sudo", "CUDA_VISIBLE_DEVICES", "cp", "mv", "mkdir", "cd", "pip", "pip3"}
+
+
+def shell_words(text: str):
+    """The words of a shell script, comments dropped (a `#` that starts a word, as bash reads it)."""
+    code = "\n".join(re.sub(r"(^|\s)#.*", r"\1", line) for line in text.splitlines())
+    return set(re.findall(r"[A-Za-z0-9_][\w.-]*", code))
+
+
+def test_shell_words_finds_commands_not_substrings():
+    assert {"mkdir", "rm"} <= shell_words("mkdir -p out && /bin/rm -f x  # fine\npython3 a.py")
+    assert not FORBIDDEN_COMMANDS & shell_words("python3 p.py --format cpu  # rm mv cd in a comment\n[ $# -lt 3 ]")
+    assert "CUDA_VISIBLE_DEVICES" in shell_words("CUDA_VISIBLE_DEVICES=0 python3 a.py")
+
+
+SCRIPTS = sorted(path.name for path in ROOT.glob("hw3_*.sh"))  # hw3_1.sh and hw3_2.sh too, once they exist
+
+
+def test_download_script_is_checked():
+    assert "hw3_download.sh" in SCRIPTS
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_obeys_the_grader_rules(script):
+    words = shell_words((ROOT / script).read_text())
+    assert not FORBIDDEN_COMMANDS & words, f"{script} uses {sorted(FORBIDDEN_COMMANDS & words)} (GRADER.md)"
+    assert "python3" in words and "python" not in words, f"{script} must call python3"
