@@ -3,6 +3,7 @@ import ast
 import importlib.util
 import re
 import shlex
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -22,6 +23,8 @@ FORBIDDEN = {"transformers", "peft", "pycocoevalcap", "pytest"}
 
 
 def is_stdlib(name: str) -> bool:
+    if name in sys.builtin_module_names:
+        return True
     spec = importlib.util.find_spec(name)
     if spec is None:
         return False
@@ -109,4 +112,4 @@ def test_import_is_allowed(name, importer):
 def test_import_walker_catches_forbidden_imports():
     source = "import os\nfrom transformers import GPT2Model\ndef f():\n    import peft.tuners\n"
     assert imported_top_level(source) == {"os", "transformers", "peft"}
-    assert is_stdlib("json") and is_stdlib("os") and not is_stdlib("torch")
+    assert is_stdlib("json") and is_stdlib("os") and is_stdlib("sys") and not is_stdlib("torch")
