@@ -1,0 +1,297 @@
+"""Report analyses for problem 1: `python3 p1_clip.py report IMAGE_DIR ID2LABEL [--out-dir results/p1] [...]`.
+
+Needs labelled file names (`{class_id}_{image_id}.png`, as in p1_data/val). Image embeddings are computed once per
+model (with their mirror images); every prompt setting then costs only its text embeddings. Writes, under --out-dir:
+
+  accuracy.csv / accuracy.md  accuracy of every prompt setting x model (each, and their ensemble) x flip, with the
+                              seconds spent encoding images and texts
+  predictions.csv             filename, label, predicted, correct: the main setting (the classifier options given)
+  per_class.csv               accuracy of each class under the main setting, worst first
+  confusions.csv              the most frequent (true class -> predicted class) mistakes of the main setting
+  confusion_matrix.csv        rows true class, columns predicted class (counts)
+  top5.png / top5.json        top-5 class probabilities of --samples images drawn with --seed
+  analysis.md                 the main setting's accuracy, worst classes and most confused pairs
+  summary.json                settings, device, skipped files and the paths above
+"""
+import argparse
+import csv
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.image import AxesImage  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from clip_models import load_clip  # noqa: E402
+from p1_clip import (ClassifierConfig, ImageFeatures, InputError, add_classifier_options,  # noqa: E402
+                     config_from_args, encode_classes, encode_images, list_image_files, load_id2label, logit_scale,
+                     open_image, report_skipped)
+from prompts import (ENSEMBLE_SETS, PHOTO_PROMPT, REQUIRED_PROMPTS, TEMPLATE_SETS, class_names,  # noqa: E402
+                     clean_class_name, resolve_templates)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # a template set name, or the template itself written with {object}
+    templates: Tuple[str, ...]
+    synonyms: bool = False
+
+
+def report_settings(ensembles: Sequence[str] = ENSEMBLE_SETS) -> List[Setting]:
+    """The three required prompts, CLIP's default prompt, then each ensemble with and without synonyms."""
+    singles = [Setting(t.replace("{}", "{object}"), (t,)) for t in REQUIRED_PROMPTS + (PHOTO_PROMPT,)]
+    ensembles = [Setting(name, TEMPLATE_SETS[name], synonyms) for name in ensembles for synonyms in (False, True)]
+    return singles + ensembles
+
+
+def main_setting(templates: str, synonyms: bool) -> Setting:
+    resolved = resolve_templates(templates)
+    name = templates if templates in TEMPLATE_SETS else resolved[0].replace("{}", "{object}")
+    return Setting(name, resolved, synonyms)
+
+
+def labelled_files(paths: Sequence[Path], class_ids: Sequence[str]) -> Tuple[List[Path], List[int]]:
+    """Files named `{class_id}_...` and their class indices; others are left out with a warning."""
+    index_of = {str(int(c)) if c.strip().lstrip("-").isdigit() else c: i for i, c in enumerate(class_ids)}
+    kept, targets = [], []
+    for path in paths:
+        prefix = path.name.split("_", 1)[0]
+        key = str(int(prefix)) if prefix.lstrip("-").isdigit() else prefix
+        if "_" in path.name and key in index_of:
+            kept.append(path)
+            targets.append(index_of[key])
+        else:
+            print(f"warning: {path.name} does not start with a class id and '_': left out of the report",
+                  file=sys.stderr)
+    if not kept:
+        raise InputError("the report needs labelled file names like 3_12.png (class id, underscore, image id)")
+    return kept, targets
+
+
+def write_table(path: Path, header: Sequence[str], rows: Sequence[Sequence]):
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def draw_image(axis, image: Image.Image):
+    """The image filling `axis`, pixels kept sharp (what imshow does, which the headless rules forbid)."""
+    image.thumbnail((512, 512))
+    artist = AxesImage(axis, interpolation="nearest")
+    artist.set_data(np.asarray(image))
+    artist.set_extent((0, image.width, image.height, 0))
+    axis.add_image(artist)
+    axis.set_xlim(0, image.width)
+    axis.set_ylim(image.height, 0)
+    axis.set_aspect("equal")
+    axis.axis("off")
+
+
+def plot_top5(out_path: Path, samples: Sequence[Path], probabilities: torch.Tensor, targets: Sequence[int],
+              labels: Sequence[str], top_k: int = 5) -> List[dict]:
+    """One row per sample: the image, then a bar chart of its top-k class probabilities (true class in green)."""
+    figure, axes = plt.subplots(len(samples), 2, figsize=(7.5, 2.1 * len(samples) + 0.3), squeeze=False,
+                                gridspec_kw={"width_ratios": [1, 2.4]})
+    names = [clean_class_name(label) for label in labels]
+    records = []
+    for (image_axis, bar_axis), path, probs, target in zip(axes, samples, probabilities, targets):
+        top = probs.topk(min(top_k, len(labels)))
+        indices, values = top.indices.tolist(), top.values.tolist()
+        records.append({"file": path.name, "true": labels[target],
+                        "top": [{"label": labels[i], "probability": round(p, 5)} for i, p in zip(indices, values)]})
+        draw_image(image_axis, open_image(path, 224))
+        rows = list(range(len(indices)))[::-1]  # best on top
+        bar_axis.barh(rows, values, color=["tab:green" if i == target else "tab:gray" for i in indices])
+        bar_axis.set_yticks(rows)
+        bar_axis.set_yticklabels([names[i] for i in indices], fontsize=9)
+        bar_axis.set_xlim(0, 1)
+        bar_axis.set_title(f"{path.name}   (true class: {names[target]})", fontsize=9)
+        for y, p in zip(rows, values):
+            bar_axis.text(min(p, 0.85) + 0.01, y, f"{p:.3f}", va="center", fontsize=8)
+    axes[-1][1].set_xlabel("probability (softmax over the classes)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=150)
+    plt.close(figure)
+    return records
+
+
+@dataclass
+class ModelRun:
+    """One backbone's image embeddings and, per prompt setting, its class embeddings and their cost."""
+    name: str
+    features: ImageFeatures
+    scale: float  # CLIP's learned logit scale (100 for the released models)
+    classes: Dict[Setting, torch.Tensor]
+    text_seconds: Dict[Setting, float]
+
+    def logits(self, setting: Setting, flip: bool) -> torch.Tensor:
+        return self.scale * self.features.embeddings(flip) @ self.classes[setting].T
+
+
+def run_models(paths: Sequence[Path], labels: Sequence[str], settings: Sequence[Setting],
+               config: ClassifierConfig) -> List[ModelRun]:
+    runs = []
+    for name in config.models:
+        model, preprocess = load_clip(name, config.device)
+        classes, text_seconds = {}, {}
+        for setting in tqdm(settings, desc="prompt settings", unit="setting"):
+            start = time.perf_counter()
+            names = class_names(labels, setting.synonyms)
+            classes[setting] = encode_classes(model, names, setting.templates, config.device)
+            text_seconds[setting] = time.perf_counter() - start
+        features = encode_images(model, preprocess, paths, replace(config, flip=True), desc=f"CLIP {display(name)}")
+        runs.append(ModelRun(display(name), features, logit_scale(model), classes, text_seconds))
+        del model
+        if config.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return runs
+
+
+def display(model_name: str) -> str:
+    return Path(model_name).name if "/" in model_name and Path(model_name).exists() else model_name
+
+
+def ensemble_logits(runs: Sequence[ModelRun], setting: Setting, flip: bool) -> torch.Tensor:
+    return sum(run.logits(setting, flip) for run in runs) / len(runs)
+
+
+ACCURACY_HEADER = ["prompt", "templates", "synonyms", "model", "flip", "accuracy", "correct", "images",
+                   "image_seconds", "text_seconds"]
+
+
+def accuracy_rows(runs: Sequence[ModelRun], settings: Sequence[Setting], targets: torch.Tensor,
+                  ok: torch.Tensor) -> List[list]:
+    """Every setting x model subset (each model, and all of them when there are several) x flip off/on."""
+    subsets = [[run] for run in runs] + ([list(runs)] if len(runs) > 1 else [])
+    rows = []
+    for setting in settings:
+        for subset in subsets:
+            for flip in (False, True):
+                correct = (ensemble_logits(subset, setting, flip).argmax(1) == targets)[ok]
+                image_seconds = sum(r.features.seconds - (0 if flip else r.features.flip_seconds) for r in subset)
+                rows.append([setting.name, len(setting.templates), yes_no(setting.synonyms),
+                             " + ".join(r.name for r in subset), yes_no(flip),
+                             f"{100 * correct.float().mean().item():.2f}", int(correct.sum()), int(ok.sum()),
+                             f"{image_seconds:.2f}", f"{sum(r.text_seconds[setting] for r in subset):.2f}"])
+    return rows
+
+
+def yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def class_analysis(predicted: np.ndarray, targets: np.ndarray, labels: Sequence[str], class_ids: Sequence[str],
+                   top_confusions: int):
+    """(per-class rows worst first, most confused pairs, confusion matrix) of readable images."""
+    matrix = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    np.add.at(matrix, (targets, predicted), 1)
+    totals = matrix.sum(1)
+    per_class = [[class_ids[c], labels[c], int(totals[c]), int(matrix[c, c]),
+                  f"{100 * matrix[c, c] / totals[c]:.2f}" if totals[c] else ""] for c in range(len(labels))]
+    per_class.sort(key=lambda row: (float(row[4]) if row[4] else 101.0, row[0]))
+    mistakes = [(int(matrix[t, p]), t, p) for t in range(len(labels)) for p in range(len(labels))
+                if t != p and matrix[t, p]]
+    mistakes.sort(key=lambda m: (-m[0], m[1], m[2]))
+    confusions = [[class_ids[t], labels[t], class_ids[p], labels[p], count, f"{100 * count / totals[t]:.2f}"]
+                  for count, t, p in mistakes[:top_confusions]]
+    return per_class, confusions, matrix
+
+
+def report_main(argv: Sequence[str]):
+    parser = argparse.ArgumentParser(
+        prog="p1_clip.py report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("image_dir", help="labelled images named {class_id}_{image_id}.png (e.g. p1_data/val)")
+    parser.add_argument("id2label", help="JSON mapping class id -> class name")
+    parser.add_argument("--out-dir", default="results/p1", help="where the files go (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=3, help="images in top5.png (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed drawing those images (default: %(default)s)")
+    parser.add_argument("--ensembles", nargs="+", default=list(ENSEMBLE_SETS), choices=sorted(TEMPLATE_SETS),
+                        metavar="SET", help="template sets to compare (default: %(default)s)")
+    parser.add_argument("--top-confusions", type=int, default=20, help="pairs in confusions.csv (%(default)s)")
+    add_classifier_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        id2label = load_id2label(args.id2label)
+        class_ids, labels = list(id2label), list(id2label.values())
+        paths, targets = labelled_files(list_image_files(args.image_dir), class_ids)
+        main = main_setting(config.templates, config.synonyms)
+    except (InputError, ValueError) as error:
+        parser.error(str(error))
+    settings = report_settings(args.ensembles)
+    settings += [main] if main not in settings else []
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"report on {len(paths)} labelled images, {len(settings)} prompt settings, models "
+          f"{' + '.join(config.models)}, device {config.device}")
+
+    runs = run_models(paths, labels, settings, config)
+    ok, errors = runs[-1].features.ok, runs[-1].features.errors
+    report_skipped(errors)
+    targets_tensor = torch.tensor(targets)
+    files = {name: out_dir / name for name in (
+        "accuracy.csv", "accuracy.md", "predictions.csv", "per_class.csv", "confusions.csv", "confusion_matrix.csv",
+        "top5.png", "top5.json", "analysis.md", "summary.json")}
+
+    rows = accuracy_rows(runs, settings, targets_tensor, ok)
+    write_table(files["accuracy.csv"], ACCURACY_HEADER, rows)
+    files["accuracy.md"].write_text(
+        f"Zero-shot accuracy on {int(ok.sum())} images of {args.image_dir} (device {config.device}). image_seconds: "
+        "encoding the images (data loading included; with flip, the mirror images too); text_seconds: encoding "
+        "that setting's prompts.\n\n" + markdown_table(ACCURACY_HEADER, rows), encoding="utf-8")
+
+    logits = ensemble_logits(runs, main, config.flip)
+    predicted = logits.argmax(1)
+    readable = ok.nonzero().flatten().tolist()
+    write_table(files["predictions.csv"], ["filename", "label", "predicted", "correct"],
+                [[paths[i].name, class_ids[targets[i]], class_ids[predicted[i]], yes_no(predicted[i] == targets[i])]
+                 for i in readable])
+    per_class, confusions, matrix = class_analysis(predicted[ok].numpy(), targets_tensor[ok].numpy(), labels,
+                                                   class_ids, args.top_confusions)
+    write_table(files["per_class.csv"], ["class_id", "class_name", "images", "correct", "accuracy"], per_class)
+    confusion_header = ["true_id", "true_name", "predicted_id", "predicted_name", "count", "percent_of_true_class"]
+    write_table(files["confusions.csv"], confusion_header, confusions)
+    write_table(files["confusion_matrix.csv"], ["true \\ predicted"] + class_ids,
+                [[class_ids[c]] + matrix[c].tolist() for c in range(len(labels))])
+
+    samples = sorted(random.Random(args.seed).sample(readable, min(args.samples, len(readable))))
+    top5 = plot_top5(files["top5.png"], [paths[i] for i in samples], logits[samples].softmax(-1),
+                     [targets[i] for i in samples], labels)
+    files["top5.json"].write_text(json.dumps(top5, indent=2), encoding="utf-8")
+
+    accuracy = 100 * (predicted == targets_tensor)[ok].float().mean().item()
+    main_description = (f"prompt `{main.name}` ({len(main.templates)} templates), synonyms {yes_no(main.synonyms)}, "
+                        f"models {' + '.join(r.name for r in runs)}, flip {yes_no(config.flip)}")
+    files["analysis.md"].write_text(
+        f"Main setting: {main_description}: accuracy {accuracy:.2f}% on {len(readable)} images.\n\n"
+        "Worst classes:\n\n" + markdown_table(["class_id", "class_name", "images", "correct", "accuracy"],
+                                              per_class[:10])
+        + "\nMost confused pairs (true -> predicted):\n\n" + markdown_table(confusion_header, confusions[:10]),
+        encoding="utf-8")
+    summary = {"main_setting": {"prompt": main.name, "templates": list(main.templates), "synonyms": main.synonyms,
+                                "models": list(config.models), "flip": config.flip, "accuracy": accuracy},
+               "images": len(paths), "readable_images": len(readable), "skipped": errors, "device": config.device,
+               "seed": args.seed, "samples": [paths[i].name for i in samples],
+               "files": {name: str(path) for name, path in files.items()}}
+    files["summary.json"].write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(f"main setting: {main_description}: accuracy {accuracy:.2f}%")
+    for path in files.values():
+        print(f"wrote {path}")
