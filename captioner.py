@@ -1,0 +1,293 @@
+"""The image-conditioned captioner: a frozen ViT encoder, the frozen course GPT-2 with cross-attention to the image
+tokens in chosen blocks, and PEFT (peft.py); configuration, trainable-parameter accounting and checkpoints.
+
+Decoding (beam search) computes the image keys/values once per image and reuses them at every step:
+    tokens = model.encode_images(images)                    # [B, N, D], frozen encoder
+    context = model.image_context(tokens)                   # per-block (k, v), or None where no cross-attention
+    context = decoder.select_batch(context, beam_index)     # e.g. repeat / reorder for beams
+    logits, past = model.decode_step(ids, context, past)    # ids [B, T_new]; past from the previous step
+Training: `logits = model(input_ids, tokens)` (tokens from `encode_images` or a feature cache).
+Attention maps (P3): `model.record_attention(True)`, a forward pass, then `model.attention_maps()`.
+"""
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from decoder import Decoder, GPTConfig, KeyValue, attention, gpt2_parameter_names, unmerged
+from image_encoder import ImageEncoder, load_image_encoder
+from peft import PEFT_KINDS, PrefixTuning, add_adapters, add_lora
+
+MAX_TRAINABLE = 35_000_000  # the assignment's limit, counted on the saved checkpoint
+
+
+@dataclass
+class CaptionConfig:
+    """Everything needed to rebuild a CaptionModel; stored as JSON in every checkpoint."""
+    encoder: str = "ViT-L/14"  # see image_encoder.py
+    decoder: GPTConfig = field(default_factory=GPTConfig)  # sizes must match decoder_model.bin; dropout is free
+    context_width: int = 768  # width of the shared projection of the image tokens, fed to every cross-attention
+    cross_attn_layers: Optional[List[int]] = None  # decoder blocks with cross-attention; None = all
+    cross_attn_width: int = 768  # inner width (heads * head_dim) of each cross-attention
+    cross_attn_heads: int = 12
+    cross_attn_dropout: float = 0.0
+    peft: List[str] = field(default_factory=lambda: ["adapter"])  # any of "adapter", "prefix", "lora"; [] = none
+    adapter_size: int = 64
+    adapter_placement: List[str] = field(default_factory=lambda: ["attn", "mlp"])
+    adapter_dropout: float = 0.0
+    prefix_length: int = 10
+    prefix_hidden: int = 0  # > 0: MLP reparameterisation while training (checkpoints hold the collapsed prefixes)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: List[str] = field(default_factory=lambda: ["attn.c_attn"])
+    lora_qkv: str = "qv"
+    max_caption_length: int = 60  # tokens, for training truncation and generation
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CaptionConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown CaptionConfig fields: {unknown}")
+        values = dict(values)
+        if isinstance(values.get("decoder"), dict):
+            values["decoder"] = GPTConfig(**values["decoder"])
+        config = cls(**values)
+        bad = sorted(set(config.peft) - set(PEFT_KINDS))
+        if bad:
+            raise ValueError(f"unknown PEFT kinds {bad}: choose from {PEFT_KINDS}")
+        return config
+
+    @classmethod
+    def from_json(cls, text: str) -> "CaptionConfig":
+        return cls.from_dict(json.loads(text))
+
+
+class CrossAttention(nn.Module):
+    """Decoder tokens attend to image tokens (pre-LN, residual update). The output projection starts at zero, so a
+    new model computes exactly the pretrained LM's logits. With `record_attention` set, each forward stores its
+    attention weights [B, heads, T, N] (detached) in `attention_weights`."""
+
+    def __init__(self, n_embd: int, context_width: int, width: int, n_head: int, dropout: float = 0.0):
+        super().__init__()
+        if width % n_head:
+            raise ValueError(f"cross-attention width {width} is not a multiple of its {n_head} heads")
+        self.n_head = n_head
+        self.ln_cross = nn.LayerNorm(n_embd)
+        self.q_proj = nn.Linear(n_embd, width)
+        self.kv_proj = nn.Linear(context_width, 2 * width)
+        self.out_proj = nn.Linear(width, n_embd)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+        self.record_attention = False
+        self.attention_weights: Optional[torch.Tensor] = None
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, width] -> [B, H, L, d]
+        B, L, width = x.shape
+        return x.view(B, L, self.n_head, width // self.n_head).transpose(1, 2)
+
+    def context_kv(self, context: torch.Tensor) -> KeyValue:
+        """Image keys and values [B, H, N, d] from projected image tokens [B, N, context_width]."""
+        k, v = self.kv_proj(context).chunk(2, dim=-1)
+        return self.heads(k), self.heads(v)
+
+    def forward(self, x: torch.Tensor, context: Union[torch.Tensor, KeyValue]) -> torch.Tensor:
+        if context is None:
+            raise ValueError("this decoder has cross-attention: pass the image context")
+        k, v = self.context_kv(context) if isinstance(context, torch.Tensor) else context
+        q = self.heads(self.q_proj(self.ln_cross(x)))
+        y, weights = attention(q, k.to(q.dtype), v.to(q.dtype))
+        if self.record_attention:
+            self.attention_weights = weights.detach()
+        y = y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.dropout(self.out_proj(y))
+
+
+class CaptionModel(nn.Module):
+    """Frozen `encoder` and `decoder` (GPT-2 weights already loaded, or random for tests), extended in place with the
+    new modules of `config`. Only the new modules are trainable; construction fails when the trainable count, while
+    training or in a checkpoint, is MAX_TRAINABLE or more."""
+
+    def __init__(self, config: CaptionConfig, encoder: ImageEncoder, decoder: Decoder):
+        super().__init__()
+        sizes = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+        if any(getattr(decoder.config, s) != getattr(config.decoder, s) for s in sizes):
+            raise ValueError(f"decoder is {decoder.config}, the caption config expects {config.decoder}")
+        self.config, self.encoder, self.decoder = config, encoder, decoder
+        n_embd = decoder.config.n_embd
+        self.image_proj = nn.Linear(encoder.width, config.context_width)
+        self.image_ln = nn.LayerNorm(config.context_width)
+        layers = range(decoder.config.n_layer) if config.cross_attn_layers is None else config.cross_attn_layers
+        for i in layers:
+            decoder.transformer.h[i].cross_attn = CrossAttention(
+                n_embd, config.context_width, config.cross_attn_width, config.cross_attn_heads,
+                config.cross_attn_dropout)
+        if "adapter" in config.peft:
+            add_adapters(decoder, config.adapter_size, config.adapter_placement, dropout=config.adapter_dropout)
+        self.prefix = PrefixTuning(decoder.config, config.prefix_length, config.prefix_hidden) \
+            if "prefix" in config.peft else None
+        if "lora" in config.peft:
+            add_lora(decoder, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                     config.lora_qkv)
+        frozen = {f"decoder.transformer.{name}" for name in gpt2_parameter_names(decoder.config)}
+        for name, param in self.named_parameters():
+            param.requires_grad = not (name in frozen or name.startswith("encoder."))
+        # The limit applies to the checkpoint; the count while training (prefix MLP) is held to it as well.
+        count = max(count_trainable(self), sum(t.numel() for t in trainable_state_dict(self).values()))
+        if count >= MAX_TRAINABLE:
+            raise ValueError(f"{count:,} trainable parameters, the limit is < {MAX_TRAINABLE:,}:\n"
+                             f"{parameter_table(self)}")
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images [B, 3, S, S] -> image tokens [B, N, D] (float32, no gradient)."""
+        return self.encoder(images)
+
+    def image_context(self, image_tokens: torch.Tensor) -> List[Optional[KeyValue]]:
+        """Per decoder block: the cross-attention's image (k, v) [B, H, N, d], or None where there is none."""
+        context = self.image_ln(self.image_proj(image_tokens.to(self.image_proj.weight.dtype)))
+        return [block.cross_attn.context_kv(context) if block.cross_attn is not None else None
+                for block in self.decoder.transformer.h]
+
+    def decode_step(self, input_ids: torch.Tensor, context, past=None, attention_mask=None,
+                    position_ids=None) -> Tuple[torch.Tensor, List[KeyValue]]:
+        """Logits [B, T, vocab] for the new tokens and the extended cache. `context`: image tokens [B, N, D] or
+        (better, computed once) `image_context(...)`. Arguments as in `Decoder.forward`."""
+        if isinstance(context, torch.Tensor):
+            context = self.image_context(context)
+        prefix_kv = self.prefix() if self.prefix is not None else None
+        return self.decoder(input_ids, past=past, attention_mask=attention_mask, position_ids=position_ids,
+                            context=context, prefix_kv=prefix_kv)
+
+    def forward(self, input_ids: torch.Tensor, context, attention_mask=None) -> torch.Tensor:
+        """Teacher-forced logits [B, T, vocab] for a whole sequence (training, attention maps)."""
+        return self.decode_step(input_ids, context, attention_mask=attention_mask)[0]
+
+    def train(self, mode: bool = True) -> "CaptionModel":
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def record_attention(self, enabled: bool = True) -> None:
+        for block in self.decoder.transformer.h:
+            if block.cross_attn is not None:
+                block.cross_attn.record_attention = enabled
+                block.cross_attn.attention_weights = None
+
+    def attention_maps(self) -> Dict[int, torch.Tensor]:
+        """Layer index -> the last recorded cross-attention weights [B, heads, T, N] (N = encoder tokens, CLS first:
+        patch maps are `[..., encoder.n_prefix_tokens:]` reshaped to `encoder.grid`)."""
+        return {i: block.cross_attn.attention_weights for i, block in enumerate(self.decoder.transformer.h)
+                if block.cross_attn is not None and block.cross_attn.attention_weights is not None}
+
+
+def build_caption_model(config: CaptionConfig, decoder_weights: Optional[str], device="cpu",
+                        pretrained_encoder: bool = True, encoder: Optional[str] = None) -> CaptionModel:
+    """A new CaptionModel: encoder `encoder or config.encoder` (pretrained=False: random weights, for tests),
+    GPT-2 loaded from `decoder_weights` (a decoder_model.bin path; None: random weights, for tests)."""
+    image_encoder = load_image_encoder(encoder or config.encoder, device, pretrained_encoder)
+    if decoder_weights is None:
+        decoder = Decoder(config.decoder)
+    else:
+        decoder = Decoder.from_course_file(decoder_weights, n_head=config.decoder.n_head,
+                                           dropout=config.decoder.dropout)
+    return CaptionModel(config, image_encoder, decoder).to(device)
+
+
+# ---- parameter accounting -------------------------------------------------------------------------------------------
+
+def trainable_state_dict(model: CaptionModel) -> Dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds: every trainable parameter, with reparameterised prefixes collapsed."""
+    tensors = {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
+    if model.prefix is not None and model.prefix.reparameterised:
+        tensors = {name: t for name, t in tensors.items() if not name.startswith("prefix.")}
+        with torch.no_grad():
+            tensors["prefix.prefixes"] = model.prefix.collapsed().detach()
+    return tensors
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_table(model: CaptionModel) -> str:
+    """Trainable parameters per module (layers grouped as h.*), with totals."""
+    groups: Dict[str, List[int]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            group = re.sub(r"\.h\.\d+\.", ".h.*.", name.rsplit(".", 1)[0] if "." in name else name)
+            groups.setdefault(group, []).append(param.numel())
+    lines = [f"{'trainable module':<50} {'tensors':>7} {'parameters':>12}"]
+    lines += [f"{group:<50} {len(sizes):>7} {sum(sizes):>12,}" for group, sizes in groups.items()]
+    trainable = sum(sum(sizes) for sizes in groups.values())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    saved = sum(t.numel() for t in trainable_state_dict(model).values())
+    lines.append(f"{'total trainable (while training)':<58} {trainable:>12,}")
+    lines.append(f"{'in a checkpoint':<58} {saved:>12,}")
+    lines.append(f"{'frozen':<58} {frozen:>12,}")
+    return "\n".join(lines)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------------
+
+def save_trainable(model: CaptionModel, path: str) -> int:
+    """Writes only the trainable tensors (safetensors, the CaptionConfig JSON in its metadata); returns their count."""
+    tensors = {name: t.contiguous().cpu() for name, t in trainable_state_dict(model).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, path, metadata={"caption_config": model.config.to_json()})
+    return sum(t.numel() for t in tensors.values())
+
+
+def read_checkpoint(path: str) -> Tuple[CaptionConfig, Dict[str, torch.Tensor]]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:  # truncated or not a safetensors file
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+    if "caption_config" not in metadata:
+        raise ValueError(f"checkpoint {path} has no caption_config in its metadata")
+    return CaptionConfig.from_json(metadata["caption_config"]), tensors
+
+
+def count_checkpoint_params(path: str) -> int:
+    with safe_open(path, framework="pt") as f:
+        return sum(torch.Size(f.get_slice(key).get_shape()).numel() for key in f.keys())
+
+
+def load_trainable(model: CaptionModel, tensors: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Loads trained tensors (strict=False on top of the pretrained weights) after checking that every tensor fits a
+    parameter and every trainable parameter gets one. Safe with loralib's merged weights (eval mode)."""
+    if model.prefix is not None:
+        model.prefix.collapse()
+    own = dict(model.named_parameters())
+    unexpected = sorted(set(tensors) - set(own))
+    missing = sorted(name for name, p in own.items() if p.requires_grad and name not in tensors)
+    wrong = sorted(f"{key} {list(t.shape)} vs {list(own[key].shape)}" for key, t in tensors.items()
+                   if key in own and t.shape != own[key].shape)
+    for problem, keys in (("has unknown tensors", unexpected), ("lacks trained tensors", missing),
+                          ("has tensors of the wrong shape (file vs model)", wrong)):
+        if keys:
+            raise ValueError(f"{source} {problem}: {keys}")
+    with unmerged(model):
+        model.load_state_dict(tensors, strict=False)
+
+
+def load_captioner(checkpoint_path: str, decoder_weights_path: str, device="cpu",
+                   encoder: Optional[str] = None) -> CaptionModel:
+    """Rebuilds the model from the checkpoint's config (encoder: override the config's encoder name or path),
+    loads the pretrained parts from their sources and the trained tensors from the checkpoint; eval mode."""
+    config, tensors = read_checkpoint(checkpoint_path)
+    model = build_caption_model(config, decoder_weights_path, device, encoder=encoder)
+    load_trainable(model, tensors, source=checkpoint_path)
+    return model.eval()
