@@ -224,7 +224,11 @@ class ClipScorer:
     def load(cls, name_or_path: str = "ViT-B/32", device=None) -> "ClipScorer":
         from clip_models import load_clip
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, preprocess = load_clip(name_or_path, device)
+        try:
+            model, preprocess = load_clip(name_or_path, device)
+        except OSError as error:  # a missing file, or no internet for a first download
+            raise ScoringError(f"cannot load CLIP {name_or_path!r} ({error}); OpenAI models download to "
+                               "~/.cache/clip on first use") from error
         return cls(model, preprocess, device, name=name_or_path)
 
     def tokenize(self, caption: str) -> Tuple[torch.Tensor, bool]:

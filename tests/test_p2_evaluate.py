@@ -104,3 +104,10 @@ def test_help_lists_the_course_options(capsys):
     assert exit_info.value.code == 0
     for option in ["--pred_file", "--images_root", "--annotation_file", "--clip-model", "--per-image-csv"]:
         assert option in out
+
+
+def test_missing_clip_checkpoint_is_a_clear_error(caption_set, tmp_path):  # noqa: F811
+    with pytest.raises(SystemExit, match="cannot load CLIP .*no_such_clip.pt"):
+        p2_evaluate.main(["--pred_file", caption_set["pred_file"], "--images_root", caption_set["images"],
+                          "--annotation_file", caption_set["annotations"],
+                          "--clip-model", str(tmp_path / "no_such_clip.pt")])
