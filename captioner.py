@@ -206,10 +206,11 @@ def build_caption_model(config: CaptionConfig, decoder_weights: Optional[str], d
 
 # ---- parameter accounting -------------------------------------------------------------------------------------------
 
-def trainable_state_dict(model: CaptionModel) -> Dict[str, torch.Tensor]:
-    """The tensors a checkpoint holds: every trainable parameter, with reparameterised prefixes collapsed."""
+def trainable_state_dict(model: CaptionModel, collapse_prefix: bool = True) -> Dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds: every trainable parameter, with reparameterised prefixes collapsed (keep them
+    with collapse_prefix=False, to resume training with the prefix MLP)."""
     tensors = {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
-    if model.prefix is not None and model.prefix.reparameterised:
+    if collapse_prefix and model.prefix is not None and model.prefix.reparameterised:
         tensors = {name: t for name, t in tensors.items() if not name.startswith("prefix.")}
         with torch.no_grad():
             tensors["prefix.prefixes"] = model.prefix.collapsed().detach()
@@ -240,9 +241,10 @@ def parameter_table(model: CaptionModel) -> str:
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------------
 
-def save_trainable(model: CaptionModel, path: str) -> int:
-    """Writes only the trainable tensors (safetensors, the CaptionConfig JSON in its metadata); returns their count."""
-    tensors = {name: t.contiguous().cpu() for name, t in trainable_state_dict(model).items()}
+def save_trainable(model: CaptionModel, path: str, collapse_prefix: bool = True) -> int:
+    """Writes only the trainable tensors (safetensors, the CaptionConfig JSON in its metadata); returns their count.
+    Creates the parent folder."""
+    tensors = {name: t.contiguous().cpu() for name, t in trainable_state_dict(model, collapse_prefix).items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(tensors, path, metadata={"caption_config": model.config.to_json()})
     return sum(t.numel() for t in tensors.values())
@@ -267,8 +269,9 @@ def count_checkpoint_params(path: str) -> int:
 
 def load_trainable(model: CaptionModel, tensors: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Loads trained tensors (strict=False on top of the pretrained weights) after checking that every tensor fits a
-    parameter and every trainable parameter gets one. Safe with loralib's merged weights (eval mode)."""
-    if model.prefix is not None:
+    parameter and every trainable parameter gets one. Safe with loralib's merged weights (eval mode). Collapses the
+    model's prefix MLP when the tensors hold collapsed prefixes (build the optimizer after loading)."""
+    if model.prefix is not None and "prefix.prefixes" in tensors:
         model.prefix.collapse()
     own = dict(model.named_parameters())
     unexpected = sorted(set(tensors) - set(own))

@@ -8,7 +8,8 @@ from clip.model import CLIP
 from PIL import Image
 
 from captioner import (MAX_TRAINABLE, CaptionConfig, CaptionModel, build_caption_model, count_checkpoint_params,
-                       load_captioner, parameter_table, save_trainable, trainable_state_dict)
+                       load_captioner, load_trainable, parameter_table, read_checkpoint, save_trainable,
+                       trainable_state_dict)
 from decoder import Decoder, GPTConfig, course_state_dict, select_batch
 from image_encoder import clip_vit_tokens, load_image_encoder
 
@@ -156,6 +157,13 @@ def test_checkpoint_round_trip_holds_only_trainable_tensors(files, tmp_path, rec
     with torch.no_grad():
         assert torch.allclose(loaded(IDS, tokens), model(IDS, tokens), atol=1e-5)
     assert loaded.config == model.config
+    if recipe == "prefix":  # a resumable file keeps the prefix MLP
+        save_trainable(model, path, collapse_prefix=False)
+        resumed = build_caption_model(model.config, files[1])
+        load_trainable(resumed, read_checkpoint(path)[1])
+        assert resumed.prefix.reparameterised
+        with torch.no_grad():
+            assert torch.allclose(resumed.eval()(IDS, tokens), model(IDS, tokens), atol=1e-5)
 
 
 def test_bad_checkpoints_fail_naming_the_keys(files, tmp_path):
