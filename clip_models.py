@@ -38,15 +38,15 @@ def load_clip(name_or_path: str, device="cpu") -> Tuple[CLIP, Callable[[Image.Im
     of a state_dict in OpenAI CLIP's layout.
     """
     device = torch.device(device)
-    if is_local_checkpoint(name_or_path):
+    if name_or_path in clip.available_models():  # checked first: "ViT-B/32" contains a path separator
+        model, _ = clip.load(name_or_path, device=device, jit=False)
+    elif is_local_checkpoint(name_or_path):
         if not os.path.isfile(name_or_path):
             raise FileNotFoundError(f"CLIP checkpoint not found: {name_or_path}")
         state_dict = torch.load(name_or_path, map_location="cpu")
         if not isinstance(state_dict, dict) or "visual.conv1.weight" not in state_dict:
             raise ValueError(f"{name_or_path} is not a state_dict in OpenAI CLIP's layout (no visual.conv1.weight)")
         model = build_model(state_dict).to(device)  # build_model casts to fp16, like the released weights
-    elif name_or_path in clip.available_models():
-        model, _ = clip.load(name_or_path, device=device, jit=False)
     else:
         raise ValueError(f"unknown CLIP model {name_or_path!r}: use one of {clip.available_models()} or a file path")
     if device.type == "cpu":
