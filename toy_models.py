@@ -1,0 +1,372 @@
+"""Training the toy world's stand-in "pretrained" models on CPU in minutes.
+
+- `train_tiny_clip`: a CLIP ViT in OpenAI's layout (`clip.model.CLIP`), trained contrastively on toy images and
+  captions; batches never hold two items showing the same objects, so there are no false negatives.
+- `train_tiny_lm`: a small GPT-2 (decoder.py) trained on toy captions only, saved in the decoder_model.bin format.
+
+Both models keep their real vocabularies (CLIP 49408, GPT-2 50257 tokens) but train only the embedding rows of the
+tokens that occur (`SeenTokenEmbedding`): updating all rows every step would cost more than the rest of the model.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import clip
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from clip.model import CLIP
+from tqdm import tqdm
+
+from clip_models import CLIP_MEAN, CLIP_STD
+
+
+class SeenTokenEmbedding(nn.Module):
+    """Stands in for an nn.Embedding during training, holding only the rows of `token_ids` as a parameter;
+    `write_back` copies them into the full embedding."""
+
+    def __init__(self, embedding: nn.Embedding, token_ids: torch.Tensor):
+        super().__init__()
+        token_ids = token_ids.long()
+        self.weight = nn.Parameter(embedding.weight.detach()[token_ids].clone())
+        self.register_buffer("token_ids", token_ids)
+        index = torch.full((embedding.num_embeddings,), -1, dtype=torch.long)
+        index[token_ids] = torch.arange(len(token_ids))
+        self.register_buffer("index", index)  # token id -> row, -1 for tokens never seen
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.index[tokens.long()]
+        if bool((rows < 0).any()):
+            raise ValueError("a token outside the training vocabulary reached SeenTokenEmbedding")
+        return rows
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.weight[self.rows(tokens)]
+
+    @torch.no_grad()
+    def write_back(self, embedding: nn.Embedding) -> nn.Embedding:
+        embedding.weight[self.token_ids] = self.weight.to(embedding.weight)
+        return embedding
+
+
+class SeenTokenHead(nn.Module):
+    """The tied output layer over the seen tokens only: logits [..., len(token_ids)]."""
+
+    def __init__(self, embedding: SeenTokenEmbedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.embedding.weight.t()
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) * 0.5 * (
+        1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+
+
+# ---------------------------------------------------------------------------------------------------- tiny CLIP
+@dataclass
+class ClipConfig:
+    image_size: int = 64
+    patch_size: int = 16          # 4 x 4 patches: learnt shape reliably in a sweep where 8 x 8 patches did not
+    vision_width: int = 128       # heads = width // 64, as clip.model.build_model infers
+    vision_layers: int = 4
+    text_width: int = 128
+    text_layers: int = 3
+    embed_dim: int = 128
+    epochs: int = 8
+    batch_size: int = 128         # scene batches; single-object batches hold each class once (50)
+    lr: float = 7e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    logit_scale_init: float = 40.0
+    attribute_weight: float = 1.0  # the attribute-prompt terms (see train_tiny_clip)
+    seed: int = 0
+
+
+def build_tiny_clip(config: ClipConfig) -> CLIP:
+    return CLIP(config.embed_dim, config.image_size, config.vision_layers, config.vision_width, config.patch_size,
+                77, 49408, config.text_width, config.text_width // 64, config.text_layers)
+
+
+def encode_text_short(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text` on tokens cut to their longest caption: causal attention makes the result identical."""
+    length = tokens.shape[1]
+    x = model.token_embedding(tokens) + model.positional_embedding[:length]
+    x = x.permute(1, 0, 2)
+    for block in model.transformer.resblocks:
+        h = block.ln_1(x)
+        x = x + block.attn(h, h, h, need_weights=False, attn_mask=block.attn_mask[:length, :length].to(x))[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = model.ln_final(x.permute(1, 0, 2))
+    return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ model.text_projection
+
+
+def tokenize_short(captions: Sequence[str]) -> torch.Tensor:
+    tokens = clip.tokenize(list(captions), truncate=True)
+    return tokens[:, : int((tokens != 0).sum(1).max())]
+
+
+def normalise_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> CLIP-normalised float, as clip_models.clip_transform does after resizing."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def unique_key_batches(keys: Sequence[Hashable], batch_size: int, rng: random.Random) -> List[List[int]]:
+    """Shuffled batches in which no two items share a key (e.g. the set of objects in the image)."""
+    remaining = list(range(len(keys)))
+    rng.shuffle(remaining)
+    batches = []
+    while remaining:
+        batch, taken, rest = [], set(), []
+        for i in remaining:
+            if len(batch) < batch_size and keys[i] not in taken:
+                batch.append(i)
+                taken.add(keys[i])
+            else:
+                rest.append(i)
+        batches.append(batch)
+        remaining = rest
+    return [batch for batch in batches if len(batch) > 1]
+
+
+def epoch_batches(keys: Sequence[Hashable], groups: Sequence[int], batch_size: int, rng: random.Random
+                  ) -> List[List[int]]:
+    """Unique-key batches built within each group (e.g. single objects, scenes), then shuffled together."""
+    batches = []
+    for group in sorted(set(groups)):
+        members = [i for i, g in enumerate(groups) if g == group]
+        batches += [[members[j] for j in batch] for batch in
+                    unique_key_batches([keys[i] for i in members], batch_size, rng)]
+    rng.shuffle(batches)
+    return batches
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over normalised features; item i's image and text are the positives."""
+    logits = scale * image_features @ text_features.t()
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: CLIP, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
+                       template: str = "a photo of a {}.") -> float:
+    """Top-1 accuracy of uint8 images [N, 3, S, S] against the prompts `template.format(class_name)`."""
+    was_training = model.training
+    model.eval()
+    device = model.positional_embedding.device
+    tokens = tokenize_short([template.format(c) for c in class_names]).to(device)
+    text = F.normalize(encode_text_short(model, tokens), dim=-1)
+    correct = 0
+    for start in range(0, len(images), 500):
+        image = F.normalize(model.encode_image(normalise_images(images[start:start + 500]).to(device)), dim=-1)
+        correct += int(((image @ text.t()).argmax(1).cpu() == labels[start:start + 500]).sum())
+    model.train(was_training)
+    return correct / len(images)
+
+
+def train_tiny_clip(images: torch.Tensor, captions: List[List[str]], keys: List[Hashable], groups: List[int],
+                    config: ClipConfig, attributes: Optional[List[Optional[Tuple[str, str]]]] = None,
+                    evaluate: Optional[Callable[[CLIP], Dict[str, float]]] = None, extra_prompts: Sequence[str] = (),
+                    device: str = "cpu") -> Tuple[CLIP, List[dict]]:
+    """Contrastive training. `images` uint8 [N, 3, S, S]; `captions[i]` the captions of image i (one drawn per visit);
+    `keys[i]` what it shows (no two equal keys in a batch, so no false negatives); `groups[i]` its kind (a batch
+    holds one kind). `attributes[i]`: (colour, shape) of a single-object image, else None. `extra_prompts`: texts
+    that `evaluate` encodes besides the captions (their tokens must be known while training).
+
+    Batches whose items all have attributes add attribute-prompt terms: each image must also pick its shape among
+    "a {shape}." and its colour among "a {colour} shape." (image-to-text InfoNCE; these prompts are true captions of
+    the image and no prompt set holds a duplicate). Returns (model in eval mode, history: one record per epoch).
+    """
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    texts = sorted({c for caps in captions for c in caps})
+    position = {text: i for i, text in enumerate(texts)}
+    caption_ids = [[position[c] for c in caps] for caps in captions]
+    all_tokens = clip.tokenize(texts, truncate=True)
+    attributes = attributes or [None] * len(images)
+    colours = sorted({a[0] for a in attributes if a})
+    shapes = sorted({a[1] for a in attributes if a})
+    attribute_tokens = [tokenize_short([f"a {colour} shape." for colour in colours]),
+                        tokenize_short([f"a {shape}." for shape in shapes])]
+    attribute_labels = torch.tensor([[colours.index(a[0]), shapes.index(a[1])] if a else [-1, -1]
+                                     for a in attributes])
+
+    model = build_tiny_clip(config).float().train()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(config.logit_scale_init))
+    seen = torch.unique(torch.cat([all_tokens.flatten(), clip.tokenize(list(extra_prompts) or [""]).flatten()] +
+                                  [t.flatten() for t in attribute_tokens]))
+    full_embedding, model.token_embedding = model.token_embedding, SeenTokenEmbedding(model.token_embedding, seen)
+    model.to(device)
+    attribute_tokens = [t.to(device) for t in attribute_tokens]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    total = len(epoch_batches(keys, groups, config.batch_size, random.Random(0))) * config.epochs
+    scheduler = cosine_schedule(optimizer, config.warmup_steps, total)
+    history, start = [], time.time()
+    for epoch in range(config.epochs):
+        losses = []
+        for batch in tqdm(epoch_batches(keys, groups, config.batch_size, rng), leave=False,
+                          desc=f"tiny CLIP epoch {epoch + 1}/{config.epochs}"):
+            tokens = all_tokens[[rng.choice(caption_ids[i]) for i in batch]]
+            tokens = tokens[:, : int((tokens != 0).sum(1).max())].to(device)
+            image_features = F.normalize(model.encode_image(normalise_images(images[batch]).to(device)), dim=-1)
+            text_features = F.normalize(encode_text_short(model, tokens), dim=-1)
+            scale = model.logit_scale.exp().clamp(max=100)
+            loss = contrastive_loss(image_features, text_features, scale)
+            labels = attribute_labels[batch].to(device)
+            if config.attribute_weight and bool((labels >= 0).all()):
+                for which, prompt_tokens in enumerate(attribute_tokens):
+                    prompts = F.normalize(encode_text_short(model, prompt_tokens), dim=-1)
+                    loss = loss + config.attribute_weight * F.cross_entropy(
+                        scale * image_features @ prompts.t(), labels[:, which])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        record = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4),
+                  "seconds": round(time.time() - start, 1)}
+        record.update(evaluate(model) if evaluate else {})
+        history.append(record)
+        print("tiny CLIP " + " ".join(f"{k}={v}" for k, v in record.items()), flush=True)
+    model.token_embedding = model.token_embedding.write_back(full_embedding.to(device))
+    return model.eval(), history
+
+
+def clip_state_dict(model: CLIP) -> Dict[str, torch.Tensor]:
+    """fp16 state_dict in OpenAI's layout, as the released checkpoints are; `clip.model.build_model` accepts it."""
+    return {k: v.detach().cpu().half() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------- tiny LM
+@dataclass
+class LMConfig:
+    n_layer: int = 2
+    n_embd: int = 128             # n_head = n_embd // 64, what GPTConfig.from_state_dict infers
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    seed: int = 0
+
+
+UNSEEN_TOKEN_LOGIT = -40.0  # the logit of every token absent from the training captions, in every context
+
+
+def pin_constant_dim(decoder) -> None:
+    """Final hidden dimension 0 is the constant 1 (ln_f weight 0, bias 1), so wte[:, 0] acts as a per-token bias."""
+    with torch.no_grad():
+        decoder.transformer.ln_f.weight[0] = 0.0
+        decoder.transformer.ln_f.bias[0] = 1.0
+
+
+@torch.no_grad()
+def caption_nll(decoder, token_lists: List[List[int]], batch_size: int = 256) -> Tuple[float, int]:
+    """Summed negative log-likelihood (nats) of captions, each as [EOT, tokens, EOT], and the number of targets."""
+    from tokenizer import make_caption_batch
+    total, count = 0.0, 0
+    for start in range(0, len(token_lists), batch_size):
+        input_ids, targets = make_caption_batch(token_lists[start:start + batch_size])
+        logits, _ = decoder(input_ids, use_cache=False)
+        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += int((targets != -100).sum())
+    return total, count
+
+
+def unigram_perplexity(train_tokens: List[List[int]], val_tokens: List[List[int]], eot_id: int) -> float:
+    """Perplexity of a unigram model of the train tokens (+ one end token per caption), add-one smoothed over the
+    tokens seen in training (a kinder baseline than smoothing over the whole vocabulary)."""
+    counts: Dict[int, int] = {}
+    for tokens in train_tokens:
+        for t in list(tokens) + [eot_id]:
+            counts[t] = counts.get(t, 0) + 1
+    total = sum(counts.values()) + len(counts)
+    nll = [-math.log((counts.get(t, 0) + 1) / total) for tokens in val_tokens for t in list(tokens) + [eot_id]]
+    return math.exp(float(np.mean(nll)))
+
+
+def train_tiny_lm(train_captions: List[str], config: LMConfig, val_captions: Optional[List[str]] = None):
+    """A small GPT-2 (decoder.py, vocab 50257, n_head = n_embd // 64) trained on captions alone.
+
+    Training computes logits for the tokens seen in the train captions only. Afterwards every unseen token's
+    embedding is UNSEEN_TOKEN_LOGIT on the constant final dimension (see `pin_constant_dim`) and 0 elsewhere, so the
+    saved model's full-vocabulary softmax equals the trained one up to ~50000 * e^-40 of mass, in every context and
+    under PEFT too (ln_f stays frozen). Returns (decoder in eval mode, metrics: perplexities and samples).
+    """
+    from decoder import Decoder, GPTConfig
+    from tokenizer import EOT_ID, BPETokenizer, make_caption_batch
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    tokenizer = BPETokenizer()
+    train_tokens = [tokenizer.encode(c) for c in train_captions]
+    seen = torch.tensor(sorted({t for tokens in train_tokens for t in tokens} | {EOT_ID}))
+    decoder = Decoder(GPTConfig(n_layer=config.n_layer, n_head=config.n_embd // 64, n_embd=config.n_embd)).train()
+    full_wte, full_head = decoder.transformer.wte, decoder.lm_head
+    decoder.transformer.wte = SeenTokenEmbedding(full_wte, seen)
+    decoder.lm_head = SeenTokenHead(decoder.transformer.wte)
+    pin_constant_dim(decoder)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = cosine_schedule(optimizer, config.warmup_steps,
+                                math.ceil(len(train_tokens) / config.batch_size) * config.epochs)
+    order = list(range(len(train_tokens)))
+    for epoch in range(config.epochs):
+        rng.shuffle(order)
+        losses = []
+        for start in tqdm(range(0, len(order), config.batch_size), desc=f"tiny LM epoch {epoch + 1}", leave=False):
+            input_ids, targets = make_caption_batch([train_tokens[i] for i in order[start:start + config.batch_size]])
+            targets = torch.where(targets == -100, targets, decoder.transformer.wte.index[targets.clamp(min=0)])
+            logits, _ = decoder(input_ids, use_cache=False)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            pin_constant_dim(decoder)
+            losses.append(loss.item())
+        print(f"tiny LM epoch={epoch + 1} train_loss={np.mean(losses):.4f}", flush=True)
+    with torch.no_grad():
+        full_wte.weight.zero_()
+        full_wte.weight[:, 0] = UNSEEN_TOKEN_LOGIT
+    decoder.transformer.wte = decoder.transformer.wte.write_back(full_wte)
+    decoder.lm_head = full_head  # still tied to full_wte.weight
+    decoder.eval()
+    metrics = {"seen_tokens": len(seen), "train_captions": len(train_captions)}
+    if val_captions:
+        val_tokens = [tokenizer.encode(c) for c in val_captions]
+        nll, count = caption_nll(decoder, val_tokens)
+        metrics["val_perplexity"] = math.exp(nll / count)
+        metrics["unigram_val_perplexity"] = unigram_perplexity(train_tokens, val_tokens, EOT_ID)
+    metrics["samples"] = [tokenizer.decode(tokens) for tokens in sample_captions(decoder, 5, seed=config.seed)]
+    return decoder, metrics
+
+
+@torch.no_grad()
+def sample_captions(decoder, n: int, seed: int = 0, max_tokens: int = 40) -> List[List[int]]:
+    """Token lists sampled from the LM at temperature 1, each started after and stopped at <|endoftext|>."""
+    from tokenizer import EOT_ID
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n):
+        tokens, past = [EOT_ID], None
+        for _ in range(max_tokens):
+            logits, past = decoder(torch.tensor([tokens[-1:]]), past=past)
+            token = int(torch.multinomial(F.softmax(logits[0, -1], dim=-1), 1, generator=generator))
+            if token == EOT_ID:
+                break
+            tokens.append(token)
+        samples.append(tokens[1:])
+    return samples
