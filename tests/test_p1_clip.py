@@ -273,3 +273,61 @@ def test_report_files_are_consistent(tmp_path, tiny_clip, id2label_file):
         assert abs(sum(probabilities) - 1) < 1e-3  # all 4 classes shown: a full softmax
     assert Image.open(out_dir / "top5.png").size[0] > 500
     assert "7_0.png" in result.stderr and "0_9.png" in result.stderr  # reported, not silently dropped
+
+
+# ------------------------------------------------------------------------------------------------- the toy world
+
+
+def toy_accuracy(world: Path, tmp_path: Path, name: str, *options):
+    """(accuracy, predictions, completed process) of hw3_1.sh on the toy world's p1 val with its tiny CLIP."""
+    p1 = world / "hw3_data" / "p1_data"
+    output = tmp_path / name / "pred.csv"
+    result = hw3_1(p1 / "val", p1 / "id2label.json", output, "--model", world / "clip.pt", *options, timeout=900)
+    assert result.returncode == 0, result.stderr
+    predictions = read_csv(output)
+    assert set(predictions) == set(os.listdir(p1 / "val"))
+    correct = sum(label == file_name.split("_")[0] for file_name, label in predictions.items())
+    return correct / len(predictions), predictions, result
+
+
+@pytest.mark.slow
+def test_toy_world_accuracy_and_ensemble(toy_world, tmp_path):
+    default, _, result = toy_accuracy(toy_world, tmp_path, "default")
+    plain, _, _ = toy_accuracy(toy_world, tmp_path, "plain", "--templates", "a photo of a {object}.", "--no-flip")
+    print(f"toy accuracy: default (cifar18 + flip) {default:.4f}, 'a photo of a {{object}}.' {plain:.4f}")
+    assert default >= 0.80
+    assert default >= plain
+    assert "images/s" in result.stdout
+
+
+@pytest.mark.slow
+def test_toy_world_bad_files_are_skipped_with_a_message(toy_world_small, tmp_path):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    source = toy_world_small / "hw3_data" / "p1_data" / "val"
+    for path in source.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (folder / "empty.jpg").write_bytes(b"")
+    p1 = toy_world_small / "hw3_data" / "p1_data"
+    result = hw3_1(folder, p1 / "id2label.json", tmp_path / "pred.csv", "--model", toy_world_small / "clip.pt")
+    assert result.returncode == 0, result.stderr
+    assert set(read_csv(tmp_path / "pred.csv")) == set(os.listdir(source))
+    assert "skipped broken.png" in result.stderr and "skipped empty.jpg" in result.stderr
+
+
+@pytest.mark.slow
+def test_toy_world_report(toy_world_small, tmp_path):
+    p1 = toy_world_small / "hw3_data" / "p1_data"
+    result = subprocess.run([sys.executable, str(ROOT / "p1_clip.py"), "report", str(p1 / "val"),
+                             str(p1 / "id2label.json"), "--model", str(toy_world_small / "clip.pt"),
+                             "--out-dir", str(tmp_path / "results"), "--ensembles", "cifar18", "imagenet7"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert summary["readable_images"] == len(os.listdir(p1 / "val")) and len(summary["samples"]) == 3
+    with open(tmp_path / "results" / "accuracy.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == (4 + 2 * 2) * 2  # (3 required + photo + 2 ensembles x synonyms) x flip
+    main = next(r for r in rows if r["prompt"] == "cifar18" and r["synonyms"] == "no" and r["flip"] == "yes")
+    assert abs(float(main["accuracy"]) - summary["main_setting"]["accuracy"]) < 0.01
