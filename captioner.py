@@ -278,10 +278,11 @@ def load_trainable(model: CaptionModel, tensors: Dict[str, torch.Tensor], source
     missing = sorted(name for name, p in own.items() if p.requires_grad and name not in tensors)
     wrong = sorted(f"{key} {list(t.shape)} vs {list(own[key].shape)}" for key, t in tensors.items()
                    if key in own and t.shape != own[key].shape)
-    for problem, keys in (("has unknown tensors", unexpected), ("lacks trained tensors", missing),
-                          ("has tensors of the wrong shape (file vs model)", wrong)):
-        if keys:
-            raise ValueError(f"{source} {problem}: {keys}")
+    problems = [f"{source} {problem}: {keys}" for problem, keys in (
+        ("has unknown tensors", unexpected), ("lacks trained tensors", missing),
+        ("has tensors of the wrong shape (file vs model)", wrong)) if keys]
+    if problems:  # all of them at once: a renamed key shows up as one unknown and one missing tensor
+        raise ValueError("\n".join(problems))
     with unmerged(model):
         model.load_state_dict(tensors, strict=False)
 

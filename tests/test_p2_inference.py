@@ -1,0 +1,163 @@
+"""Problem 2 inference through `bash hw3_2.sh` on the small toy world: every image gets a caption, the scorer accepts
+the JSON, unreadable files still get an entry, and bad checkpoints fail naming what is wrong."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import p2_inference
+from captioner import CaptionConfig, build_caption_model, read_checkpoint, save_trainable
+from decoder import GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def run_hw3_2(image_dir, output, decoder_bin, *options):
+    return subprocess.run(["bash", str(ROOT / "hw3_2.sh"), str(image_dir), str(output), str(decoder_bin),
+                           *map(str, options)], capture_output=True, text=True, env=ENV, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(toy_world_small, tmp_path_factory):
+    """A checkpoint for the toy world's tiny LM with adapters, prefixes and LoRA, all random but small (the captions
+    stay the LM's). Its config names a CLIP path that does not exist: runs pass --encoder DIR/clip.pt."""
+    config = CaptionConfig(encoder="/nonexistent/clip.pt", decoder=GPTConfig(n_layer=2, n_head=2, n_embd=128),
+                           context_width=64, cross_attn_width=64, cross_attn_heads=2,
+                           peft=["adapter", "prefix", "lora"], adapter_size=16, prefix_length=3, prefix_hidden=8)
+    model = build_caption_model(config, str(toy_world_small / "decoder_model.bin"),
+                                encoder=str(toy_world_small / "clip.pt"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn_like(param) * 0.02)
+    path = tmp_path_factory.mktemp("checkpoint") / "toy.safetensors"
+    save_trainable(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def p2(toy_world_small):
+    return toy_world_small / "hw3_data" / "p2_data"
+
+
+def toy_options(toy_world_small, checkpoint, *extra):
+    return ["--checkpoint", checkpoint, "--encoder", toy_world_small / "clip.pt", "--workers", 0, *extra]
+
+
+@pytest.mark.slow
+def test_hw3_2_captions_all_val_images_and_the_scorer_scores_them(toy_world_small, toy_checkpoint, p2, tmp_path):
+    output = tmp_path / "new" / "nested" / "pred.json"
+    result = run_hw3_2(p2 / "images" / "val", output, toy_world_small / "decoder_model.bin",
+                       *toy_options(toy_world_small, toy_checkpoint, "--beam-size", 3, "--batch-size", 16))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"images/s", result.stdout) and str(output) in result.stdout
+    predictions = json.loads(output.read_text())
+    val = json.loads((p2 / "val.json").read_text())
+    assert set(predictions) == {Path(image["file_name"]).stem for image in val["images"]}
+    assert all(isinstance(caption, str) and caption for caption in predictions.values())
+
+    scored = subprocess.run([sys.executable, str(ROOT / "p2_evaluate.py"), "--pred_file", str(output),
+                             "--images_root", str(p2 / "images" / "val"), "--annotation_file", str(p2 / "val.json"),
+                             "--clip-model", str(toy_world_small / "clip.pt"), "--device", "cpu"],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert scored.returncode == 0, scored.stderr
+    cider, clip_score = map(float, re.search(r"CIDEr: ([\d.]+) \| CLIPScore: ([\d.]+)", scored.stdout).groups())
+    assert cider > 0.05, "the toy LM's captions share words with the references"
+
+
+def test_unreadable_files_get_an_entry_and_other_files_are_ignored(toy_world_small, toy_checkpoint, p2, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sources = sorted((p2 / "images" / "val").glob("*.jpg"))[:3]
+    shutil.copy(sources[0], folder / "plain name.jpg")
+    shutil.copy(sources[1], folder / "UPPER.JPEG")
+    Image.open(sources[2]).convert("RGBA").save(folder / "converted.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (folder / "notes.txt").write_text("not an image")
+    output = tmp_path / "out" / "pred.json"
+    result = run_hw3_2(folder, output, toy_world_small / "decoder_model.bin",
+                       *toy_options(toy_world_small, toy_checkpoint, "--beam-size", 2, "--max-length", 12))
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads(output.read_text())
+    assert set(predictions) == {"plain name", "UPPER", "converted", "broken"}
+    assert predictions["broken"] == p2_inference.FALLBACK_CAPTION
+    assert "broken.jpg" in result.stderr
+    assert all(predictions[name] != p2_inference.FALLBACK_CAPTION for name in ("plain name", "UPPER", "converted"))
+
+
+def checkpoint_error(toy_world_small, checkpoint, tmp_path) -> str:
+    """The message p2_inference exits with (in-process: faster than the script)."""
+    with pytest.raises(SystemExit) as exit_info:
+        p2_inference.main([str(tmp_path), str(tmp_path / "pred.json"), str(toy_world_small / "decoder_model.bin"),
+                           *map(str, toy_options(toy_world_small, checkpoint))])
+    return str(exit_info.value.code)
+
+
+def rewrite_checkpoint(source, target, change):
+    config, tensors = read_checkpoint(str(source))
+    save_file(change(dict(tensors)), str(target), metadata={"caption_config": config.to_json()})
+    return target
+
+
+def test_bad_checkpoints_fail_naming_the_keys(toy_world_small, toy_checkpoint, tmp_path):
+    key = "decoder.transformer.h.1.cross_attn.q_proj.weight"
+
+    def renamed(tensors):
+        tensors[key.replace("q_proj", "query_proj")] = tensors.pop(key)
+        return tensors
+
+    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "r.st", renamed), tmp_path)
+    assert "unknown tensors" in message and "query_proj" in message
+    assert "lacks trained tensors" in message and key in message
+
+    adapter_key = sorted(name for name in read_checkpoint(str(toy_checkpoint))[1] if "adapter" in name)[0]
+
+    def dropped(tensors):
+        del tensors[adapter_key]
+        return tensors
+
+    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "d.st", dropped), tmp_path)
+    assert "lacks trained tensors" in message and adapter_key in message and "unknown" not in message
+
+    def reshaped(tensors):
+        tensors[key] = tensors[key][:, :-1].contiguous()
+        return tensors
+
+    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "s.st", reshaped),
+                               tmp_path)
+    assert "wrong shape" in message and key in message
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(toy_checkpoint.read_bytes()[:5000])
+    assert "cannot read checkpoint" in checkpoint_error(toy_world_small, truncated, tmp_path)
+
+
+def test_missing_checkpoint_says_to_run_the_download_script(toy_world_small, tmp_path):
+    result = run_hw3_2(tmp_path, tmp_path / "pred.json", toy_world_small / "decoder_model.bin",
+                       "--checkpoint", tmp_path / "nowhere.safetensors")
+    assert result.returncode != 0 and "hw3_download.sh" in result.stderr and "nowhere.safetensors" in result.stderr
+    assert not (tmp_path / "pred.json").exists()
+
+
+def test_default_checkpoint_is_the_download_manifests():
+    manifest = json.loads((ROOT / "checkpoints.json").read_text())
+    p2_best = next(entry for entry in manifest["checkpoints"] if entry["name"] == "p2_best")
+    assert p2_inference.default_checkpoint() == ROOT / p2_best["path"]
+
+
+def test_cli_help_and_bad_options(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "p2_inference.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--beam-size" in result.stdout and "--checkpoint" in result.stdout
+    for bad in (["--beam-size", "0"], ["--batch-size", "0"], ["--max-length", "0"]):
+        with pytest.raises(SystemExit):
+            p2_inference.parse_args([str(tmp_path), "out.json", "decoder_model.bin", *bad])
