@@ -7,9 +7,11 @@
 How the search runs:
 - Every caption starts from the single token 50256 and ends at the next 50256 (GRADER.md's convention).
 - The image keys/values of every cross-attention are computed once per image (`model.image_context`) and repeated
-  once for the image's K beams. Beams never move between images, so the context needs no reordering per step.
+  for the image's K beams. Beams never move between images, so they need no reordering per step, only when an
+  image is done and its rows leave the batch.
 - Each step feeds only the newest token of each beam; the self-attention cache follows the surviving beams
-  (`decoder.select_batch`). `use_cache=False` recomputes the whole sequence every step (tests, benchmark).
+  (`decoder.select_batch`). `use_cache=False` caches nothing: every step runs the whole sequence and recomputes the
+  image keys/values from the image tokens, like a plain `model(ids, image_tokens)` loop (tests, benchmark).
 - A hypothesis scores the sum of its token log-probabilities. Finished hypotheses (ended by 50256) are ranked by
   length-normalised score, score / length ** length_penalty (length = generated tokens, the end token included;
   0 = raw sum, 1 = mean log-probability), as Hugging Face's beam search does, not GNMT's ((5 + length) / 6) ** a.
@@ -38,7 +40,7 @@ class DecodeConfig:
     max_length: int = 30  # new tokens per caption, the end token included
     length_penalty: float = 1.0  # exponent of the length normalisation of finished hypotheses
     no_repeat_ngram_size: int = 0  # 0 = off
-    use_cache: bool = True  # False: recompute the full sequence at every step (same captions, much slower)
+    use_cache: bool = True  # False: recompute everything at every step (same captions, much slower)
 
     def __post_init__(self):
         if self.beam_size < 1 or self.max_length < 1 or self.no_repeat_ngram_size < 0:
@@ -69,7 +71,6 @@ class ImageBeams:
     def __init__(self, config: DecodeConfig):
         self.config = config
         self.finished: List[Tuple[float, List[int]]] = []  # (normalised score, tokens without the end token)
-        self.done = False
 
     def add(self, tokens: List[int], score: float, length: int):
         normalised = length_normalised(score, length, self.config.length_penalty)
@@ -102,9 +103,12 @@ def generate(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[Li
     block_size = model.decoder.config.block_size if hasattr(model, "decoder") else None
     if block_size is not None and config.max_length + 1 > block_size:
         raise ValueError(f"max_length {config.max_length} + the start token exceeds block_size {block_size}")
-    with autocast_for(device):
-        context = model.image_context(image_tokens)
-    context = select_batch(context, torch.arange(B, device=device).repeat_interleave(K))
+    with autocast_for(device):  # the image keys/values, once per image (uncached: the tokens, recomputed each step)
+        per_image = model.image_context(image_tokens) if config.use_cache else image_tokens
+
+    def beam_context(images: List[int]):  # per image -> per row of the batch: [image][beam]
+        return select_batch(per_image, torch.tensor(images, device=device).repeat_interleave(K))
+
     beams = [ImageBeams(config) for _ in range(B)]
     active = list(range(B))  # images still searching; rows of the batch are [active image][beam]
     sequences = torch.full((B * K, 1), EOT_ID, dtype=torch.long, device=device)  # start token + generated
@@ -112,6 +116,7 @@ def generate(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[Li
     scores[:, 1:] = float("-inf")  # all beams start identical: only the first one may expand at step 1
     scores = scores.view(-1)
     past = None
+    context = beam_context(active)
 
     for step in range(1, config.max_length + 1):
         with autocast_for(device):
@@ -147,10 +152,8 @@ def generate(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[Li
             if step == config.max_length or not running:
                 for row, token, score in running:
                     beams[image].add(generated[row] + [token], score, step)
-                beams[image].done = True
                 continue
             if beams[image].can_stop(running[0][2], step):
-                beams[image].done = True
                 continue
             while len(running) < K:  # fewer than K live candidates (tiny vocabularies): pad with dead beams
                 running.append((running[0][0], running[0][1], float("-inf")))
@@ -161,9 +164,8 @@ def generate(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[Li
                 keep_scores.append(score)
         if not still_active:
             break
-        if len(still_active) < len(active):  # some images finished: drop their rows from the context
-            slots = torch.div(torch.tensor(keep_rows[::K], device=device), K, rounding_mode="floor")
-            context = select_batch(context, (slots[:, None] * K + torch.arange(K, device=device)).view(-1))
+        if len(still_active) < len(active):  # done images leave the batch
+            context = beam_context(still_active)
         active = still_active
         rows = torch.tensor(keep_rows, device=device)
         sequences = torch.cat([sequences.index_select(0, rows),

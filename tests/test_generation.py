@@ -114,7 +114,8 @@ class MarkovModel:
         return [tokens]
 
     def decode_step(self, ids, context, past=None):
-        assert context[0].size(0) == ids.size(0), "one context row per beam"
+        rows = context[0].size(0) if isinstance(context, list) else context.size(0)  # cached: image_context's list
+        assert rows == ids.size(0), "one context row per beam"
         logits = torch.stack([self.log_probs[token] for token in ids[:, -1].tolist()])[:, None]
         new_past = [ids[:, -1:] if past is None else torch.cat([past[0], ids[:, -1:]], 1)]
         return logits, new_past
