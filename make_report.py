@@ -1,0 +1,433 @@
+"""Builds hw3_report.pdf from result files alone (every number on its pages is read from them):
+
+    python3 make_report.py --p1-dir results/p1 --p2-runs results/p2 --p3-dir results/p3 --out hw3_report.pdf
+
+Inputs (missing ones are listed together in one error):
+  --p1-dir   `p1_clip.py report` output: summary.json, accuracy.csv, top5.png, top5.json
+  --p2-runs  a folder of p2_train.py run folders (each: summary.json, curves.png), one per PEFT method (adapter,
+             prefix, lora); optionally val_scores.json there (p2_evaluate.py --json-out of the submitted captions)
+  --p3-dir   searched recursively for p3_attention.py's attention.json files (figures beside them; the top-1/last-1
+             run is the one whose records have a "rank") and, optionally, grounding.json (toy world only)
+  --toy-world  the toy world the numbers come from (default: the one the runs' summaries name, if any)
+Pages: data and models; P1 (why zero-shot works, prompt table, top-5 figure); P2 (three PEFT settings, curves);
+P3 (figures of the p3 images, top-1/last-1 with CLIPScores, grounding table, analysis).
+"""
+import argparse
+import csv
+import datetime
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.image import AxesImage  # noqa: E402
+from PIL import Image  # noqa: E402
+
+METHODS = ("adapter", "prefix", "lora")
+REQUIRED_PROMPTS = ("This is a photo of {object}", "This is not a photo of {object}", "No {object}, no score.")
+SUMMARY_KEYS = ("method", "trainable_params", "checkpoint_params", "best_epoch", "best", "epochs", "decode", "data",
+                "config_file", "finished_at")  # shared_contract.md
+ATTENTION_KEYS = ("checkpoint", "checkpoint_sha256", "layer", "layer_reason", "head", "decode", "created_at", "images")
+GROUNDING_KEYS = ("table", "best_layer", "words_scored", "words_absent", "images", "split", "world", "world_hash",
+                  "checkpoint_sha256", "created_at")
+PAGE = (8.27, 11.69)  # A4 portrait, inches
+WHY_ZERO_SHOT = (
+    "CLIP learns an image encoder and a text encoder jointly on about 400 million image-text pairs from the web, "
+    "with a contrastive objective: the embedding of an image must be closer to the embedding of its own caption than "
+    "to those of the other captions in a batch of tens of thousands. Natural-language captions name objects, scenes, "
+    "attributes, styles and text, so the shared embedding space covers a very open set of visual concepts instead of "
+    "a fixed list of class indices. Classification then needs no training: each class name is written into a prompt "
+    "(\"a photo of a {object}.\"), the text encoder turns the prompts into classifier weights, and the image is "
+    "assigned to the most similar prompt. A ResNet or VGG trained on ImageNet only knows its 1000 output units and "
+    "needs new labelled data and fine-tuning for new classes; CLIP's classifier is built from language on the fly, "
+    "and its diverse pretraining data makes it robust to distribution shifts. Its weak points follow from the same "
+    "recipe: prompts matter (wording close to web captions works best, negations such as \"This is not a photo of\" "
+    "are largely ignored by the bag-of-concepts text embedding), and fine-grained or abstract tasks rare on the web "
+    "remain hard.")
+
+
+class ReportError(ValueError):
+    pass
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def read_csv(path: Path) -> List[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def lacking(path: Path, data: dict, keys) -> List[str]:
+    absent = [key for key in keys if key not in data]
+    return [f"{path} lacks {absent}"] if absent else []
+
+
+# ---- inputs -----------------------------------------------------------------------------------------------------
+
+def collect_inputs(p1_dir: Path, p2_runs: Path, p3_dir: Path, toy_world: Optional[Path]) -> dict:
+    """Every input file, read; raises ReportError listing all missing or malformed inputs at once."""
+    missing: List[str] = []
+
+    def need(path: Path, what: str) -> Path:
+        if not path.is_file():
+            missing.append(f"{path} ({what})")
+        return path
+
+    p1 = {name: need(p1_dir / name, "p1_clip.py report output") for name in
+          ("summary.json", "accuracy.csv", "top5.png", "top5.json")}
+    runs: Dict[str, Path] = {}
+    for summary in sorted(p2_runs.glob("*/summary.json")) if p2_runs.is_dir() else []:
+        method = read_json(summary).get("method")
+        if method in METHODS and method not in runs:
+            runs[method] = summary.parent
+    for method in METHODS:
+        if method not in runs:
+            missing.append(f"{p2_runs}/*/summary.json with method {method!r} (p2_train.py run folder)")
+        else:
+            need(runs[method] / "curves.png", f"{method} training curves")
+    attention_files = sorted(p3_dir.rglob("attention.json")) if p3_dir.is_dir() else []
+    attention = [(path, read_json(path)) for path in attention_files]
+    p3_images = [(path, info) for path, info in attention if not any("rank" in r for r in info["images"])]
+    top_last = [(path, info) for path, info in attention if any("rank" in r for r in info["images"])]
+    if not p3_images:
+        missing.append(f"{p3_dir}/**/attention.json of the p3 images (p3_attention.py IMAGE_DIR ...)")
+    if not top_last:
+        missing.append(f"{p3_dir}/**/attention.json with top-1/last-1 records (p3_attention.py --top-last ...)")
+    for path, info in attention:
+        for record in info["images"]:
+            need(path.parent / Path(record["figure"]).name, "figure named in attention.json")
+    grounding_files = sorted(p3_dir.rglob("grounding.json")) if p3_dir.is_dir() else []
+    if missing:
+        raise ReportError("missing inputs:\n  - " + "\n  - ".join(missing))
+
+    summaries = {method: read_json(runs[method] / "summary.json") for method in METHODS}
+    grounding = (grounding_files[0], read_json(grounding_files[0])) if grounding_files else None
+    malformed = [line for m in METHODS for line in lacking(runs[m] / "summary.json", summaries[m], SUMMARY_KEYS)]
+    malformed += [line for path, info in attention for line in lacking(path, info, ATTENTION_KEYS)]
+    malformed += lacking(*grounding, GROUNDING_KEYS) if grounding else []
+    if malformed:
+        raise ReportError("malformed inputs:\n  - " + "\n  - ".join(malformed))
+    if toy_world is None:
+        named = [s["data"][len("toy world "):] for s in summaries.values() if str(s["data"]).startswith("toy world ")]
+        toy_world = Path(named[0]) if named else None
+    world = None
+    if toy_world is not None:
+        manifest = toy_world / "toyworld.json"
+        if not manifest.is_file():
+            raise ReportError(f"missing inputs:\n  - {manifest} (the toy world the results name)")
+        boxes = read_json(toy_world / "boxes.json") if (toy_world / "boxes.json").is_file() else None
+        world = {"dir": toy_world, "manifest": read_json(manifest), "boxes": boxes}
+    scores = p2_runs / "val_scores.json"
+    return {"p1": p1, "p1_summary": read_json(p1["summary.json"]), "accuracy": read_csv(p1["accuracy.csv"]),
+            "runs": runs, "summaries": summaries, "val_scores": read_json(scores) if scores.is_file() else None,
+            "p3_images": p3_images[0], "top_last": top_last[0], "grounding": grounding, "world": world}
+
+
+# ---- drawing helpers --------------------------------------------------------------------------------------------
+
+def new_page(title: Optional[str] = None) -> Figure:
+    figure = Figure(figsize=PAGE)
+    if title:
+        figure.text(0.06, 0.965, title, fontsize=15, weight="bold", va="top")
+    return figure
+
+
+def write(figure: Figure, y: float, text: str, size: float = 9.5, width: int = 112, **style) -> float:
+    """Wrapped text from the top at height y (figure fraction); returns the y below it."""
+    lines = [line for paragraph in text.split("\n") for line in (textwrap.wrap(paragraph, width) or [""])]
+    figure.text(0.06, y, "\n".join(lines), fontsize=size, va="top", linespacing=1.35, **style)
+    return y - len(lines) * size * 1.35 / 72 / PAGE[1] - 0.012
+
+
+def table(figure: Figure, y: float, header: List[str], rows: List[List[str]], height_per_row: float = 0.022,
+          widths: Optional[List[float]] = None, bold_row: Optional[int] = None) -> float:
+    height = height_per_row * (len(rows) + 1)
+    axis = figure.add_axes([0.06, y - height, 0.88, height])
+    axis.axis("off")
+    cells = axis.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center", colWidths=widths,
+                       bbox=[0, 0, 1, 1])
+    cells.auto_set_font_size(False)
+    cells.set_fontsize(8)
+    for (row, _), cell in cells.get_celld().items():
+        if row == 0 or (bold_row is not None and row == bold_row + 1):
+            cell.set_text_props(weight="bold")
+    return y - height - 0.02
+
+
+def picture(figure: Figure, path: Path, box: List[float]) -> None:
+    """The PNG at `path` fitted into box [left, bottom, width, height] (figure fractions), aspect kept."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    height, width = pixels.shape[:2]
+    axis = figure.add_axes(box)
+    artist = AxesImage(axis, interpolation="antialiased")
+    artist.set_data(pixels)
+    artist.set_extent((0, width, height, 0))
+    axis.add_image(artist)
+    axis.set_xlim(0, width)
+    axis.set_ylim(height, 0)
+    axis.set_aspect("equal")
+    axis.axis("off")
+
+
+def when(path: Path) -> str:
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
+
+
+# ---- pages ------------------------------------------------------------------------------------------------------
+
+def cover_page(inputs: dict, args) -> Figure:
+    figure = new_page()
+    figure.text(0.06, 0.95, "DLCV Fall 2023 - Homework 3 report", fontsize=18, weight="bold", va="top")
+    world, summaries = inputs["world"], inputs["summaries"]
+    if world:
+        manifest = world["manifest"]
+        data = (f"TOY WORLD (toyworld.py, offline synthetic stand-in for hw3_data; not the course data): "
+                f"{world['dir']}, generator {manifest.get('generator_version')}, hash {manifest.get('hash')}, "
+                f"settings {json.dumps(manifest.get('settings'))}. Its tiny CLIP reaches "
+                f"{manifest['clip']['history'][-1]['p1_val_acc']:.3f} zero-shot accuracy on its p1 val set; its "
+                f"tiny GPT-2 has val perplexity {manifest['lm']['val_perplexity']:.2f}. Numbers below are toy-world "
+                "numbers and are not comparable with the course baselines.")
+    else:
+        data = "Course data (hw3_data): " + "; ".join(sorted({str(s.get("data")) for s in summaries.values()}))
+    p1 = inputs["p1_summary"]
+    p3_path, p3 = inputs["p3_images"]
+    lines = [
+        f"Built {datetime.datetime.now().isoformat(timespec='seconds')} by make_report.py from result files only.",
+        "", "Data: " + data, "",
+        f"P1: CLIP model(s) {', '.join(p1['main_setting']['models'])}; {p1['readable_images']} labelled images; "
+        f"device {p1['device']}; results {args.p1_dir} (written {when(inputs['p1']['summary.json'])}).",
+        "P2: " + "; ".join(f"{m}: config {s.get('config_file')}, finished {s.get('finished_at')}"
+                            for m, s in summaries.items()) + f"; run folders under {args.p2_runs}.",
+        f"P3: checkpoint {p3['checkpoint']} (sha256 {p3['checkpoint_sha256'][:16]}...), layer {p3['layer']} "
+        f"({p3['layer_reason']}), {'heads averaged' if p3['head'] is None else 'head %d' % p3['head']}, beam size "
+        f"{p3['decode']['beam_size']}; figures made {p3['created_at']} ({p3_path.parent}).",
+    ]
+    if inputs["grounding"]:
+        g_path, g = inputs["grounding"]
+        lines.append(f"Grounding: {g['images']} {g['split']} images of {g['world']} (world hash {g['world_hash']}), "
+                     f"checkpoint sha256 {g['checkpoint_sha256'][:16]}..., measured {g['created_at']}.")
+    if inputs["val_scores"]:
+        v = inputs["val_scores"]
+        lines.append(f"Submitted captions scored by p2_evaluate.py: {v['num_images']} images of "
+                     f"{v['annotation_file']}, CLIPScore with {v['clip_model']}, tokenizer {v['tokenizer']}.")
+    write(figure, 0.9, "\n".join(lines), size=10, width=95)
+    return figure
+
+
+def p1_pages(inputs: dict) -> List[Figure]:
+    figure = new_page("Problem 1: zero-shot classification with CLIP")
+    y = write(figure, 0.93, "1. Why CLIP classifies zero-shot", size=11, weight="bold")
+    y = write(figure, y, WHY_ZERO_SHOT)
+    y = write(figure, y - 0.01, "2. Prompts (accuracy %, without / with horizontal-flip test-time augmentation)",
+              size=11, weight="bold")
+    merged: Dict[tuple, Dict[str, str]] = {}
+    for row in inputs["accuracy"]:
+        key = (row["prompt"], row["templates"], row["synonyms"], row["model"])
+        merged.setdefault(key, {})[row["flip"]] = row["accuracy"]
+    order = sorted(merged, key=lambda k: (REQUIRED_PROMPTS.index(k[0]) if k[0] in REQUIRED_PROMPTS else 9))
+    rows = [[prompt, templates, synonyms, model, flips.get("no", "-"), flips.get("yes", "-")]
+            for (prompt, templates, synonyms, model), flips in ((k, merged[k]) for k in order)]
+    y = table(figure, y, ["prompt", "templates", "synonyms", "model", "accuracy", "with flip"], rows,
+              widths=[0.38, 0.1, 0.1, 0.22, 0.1, 0.1])
+    main = inputs["p1_summary"]["main_setting"]
+    accuracy = {row[0]: float(row[4]) for row in rows if row[0] in REQUIRED_PROMPTS}
+    positive, negated, no_score = (accuracy.get(p) for p in REQUIRED_PROMPTS)
+    text = "The three required prompts give " + ", ".join(f"{p!r}: {a:.2f}%" for p, a in accuracy.items()) + ". "
+    if None not in (positive, negated, no_score):
+        text += (f"The negated prompt scores {'higher' if negated > positive else 'lower'} than the plain one "
+                 f"({negated:.2f}% vs {positive:.2f}%): it still contains the class name, and CLIP's text encoder, "
+                 "trained on captions that rarely negate, largely ignores the \"not\". \"No {object}, no score.\" "
+                 f"is {'the weakest' if no_score < min(positive, negated) else 'not the weakest'} of the three "
+                 f"({no_score:.2f}%): it reads like no caption of a photo. ")
+    text += (f"The submitted setting is {main['prompt']!r} ({len(main['templates'])} templates, synonyms "
+             f"{main['synonyms']}, flip {main['flip']}): {main['accuracy']:.2f}%.")
+    write(figure, y, text)
+    top5 = new_page("Problem 1: top-5 probabilities of three sampled val images")
+    samples = read_json(inputs["p1"]["top5.json"])
+    write(figure=top5, y=0.93, text="Images drawn at random (seed in summary.json): " + "; ".join(
+        f"{s['file']} (true: {s['true']}, top-1: {s['top'][0]['label']} {s['top'][0]['probability']:.3f})"
+        for s in samples))
+    picture(top5, inputs["p1"]["top5.png"], [0.05, 0.2, 0.9, 0.68])
+    return [figure, top5]
+
+
+def p2_pages(inputs: dict) -> List[Figure]:
+    figure = new_page("Problem 2: PEFT captioning")
+    summaries = inputs["summaries"]
+    best = max(METHODS, key=lambda m: summaries[m]["best"]["CIDEr"])
+    rows = [[m, f"{s['checkpoint_params']:,}", f"{s['trainable_params']:,}", str(s["best_epoch"]),
+             f"{s['best']['CIDEr']:.4f}", f"{s['best']['CLIPScore']:.4f}", f"beam {s['decode']['beam_size']}"]
+            for m, s in summaries.items()]
+    y = write(figure, 0.93, "Validation scores of the best epoch of each method (val CIDEr picks the epoch). "
+                            "Trainable parameters are counted on the saved checkpoint, which holds only them "
+                            "(the limit is < 35M), and while training (prefix tuning may train an MLP that the "
+                            "checkpoint stores collapsed).")
+    y = table(figure, y, ["method", "checkpoint params", "trained params", "best epoch", "CIDEr", "CLIPScore",
+                          "decoding"], rows, bold_row=METHODS.index(best))
+    text = f"Best setting by val CIDEr: {best} ({summaries[best]['best']['CIDEr']:.4f} CIDEr, " \
+           f"{summaries[best]['best']['CLIPScore']:.4f} CLIPScore). Config files: " + \
+           "; ".join(f"{m}: {s['config_file']}" for m, s in summaries.items()) + "."
+    if inputs["val_scores"]:
+        v = inputs["val_scores"]
+        text += (f"\nThe submitted captions (hw3_2.sh) scored by p2_evaluate.py: CIDEr {v['CIDEr']:.4f}, CLIPScore "
+                 f"{v['CLIPScore']:.4f} on {v['num_images']} images.")
+    y = write(figure, y, text)
+    for method in METHODS:
+        epochs = summaries[method]["epochs"]
+        y = write(figure, y, f"{method}: " + ", ".join(
+            f"epoch {e['epoch']}: loss {e['train_loss']:.3f}, CIDEr {e['CIDEr']:.3f}, CLIPScore {e['CLIPScore']:.3f}"
+            for e in epochs), size=8.5, width=120)
+    curves = new_page("Problem 2: training curves (loss; val CIDEr and CLIPScore)")
+    for index, method in enumerate(METHODS):
+        curves.text(0.06, 0.92 - index * 0.3, method, fontsize=11, weight="bold")
+        picture(curves, inputs["runs"][method] / "curves.png", [0.05, 0.64 - index * 0.3, 0.9, 0.27])
+    return [figure, curves]
+
+
+def named_pairs(caption: str, boxes: dict) -> List[str]:
+    pattern = r"\b(%s) (%s)\b" % ("|".join(boxes["colours"]), "|".join(boxes["shapes"]))
+    return [" ".join(m) for m in re.findall(pattern, caption.lower())]
+
+
+def pair_counts(records: List[dict], world: Optional[dict], split: str) -> Optional[tuple]:
+    """(pairs named, of them present, objects shown, of them named) over toy-world records; None without boxes."""
+    if not world or not world["boxes"]:
+        return None
+    named = present = shown = mentioned = 0
+    for record in records:
+        objects = world["boxes"]["splits"].get(split, {}).get(Path(record["file"]).name)
+        if objects is None:
+            return None
+        truth = {f"{o['colour']} {o['shape']}" for o in objects["objects"]}
+        pairs = named_pairs(record["caption"], world["boxes"])
+        named, present = named + len(pairs), present + sum(p in truth for p in pairs)
+        shown, mentioned = shown + len(truth), mentioned + len(truth & set(pairs))
+    return named, present, shown, mentioned
+
+
+def caption_check(record: dict, world: Optional[dict], split: str) -> str:
+    """For toy-world images: which named colour-shape pairs are really in the image."""
+    if not world or not world["boxes"]:
+        return ""
+    objects = world["boxes"]["splits"].get(split, {}).get(Path(record["file"]).name)
+    if objects is None:
+        return ""
+    present = sorted(f"{o['colour']} {o['shape']}" for o in objects["objects"])
+    named = named_pairs(record["caption"], world["boxes"])
+    right = [p for p in named if p in present]
+    return (f" Objects in the image: {', '.join(present)}; the caption names {len(named)} pair(s), "
+            f"{len(right)} of them present{'' if len(right) == len(named) else ' (wrong: ' + ', '.join(p for p in named if p not in present) + ')'}"
+            f"{'' if set(present) <= set(named) else '; missed: ' + ', '.join(p for p in present if p not in named)}.")
+
+
+def figure_pages(title: str, path: Path, info: dict, world: Optional[dict], split: str) -> List[Figure]:
+    pages = []
+    for start in range(0, len(info["images"]), 2):
+        page = new_page(title)
+        for slot, record in enumerate(info["images"][start:start + 2]):
+            top = 0.93 - slot * 0.46
+            label = f"{record['name']}"
+            if "rank" in record:
+                label = f"{record['rank']} by CLIPScore: {record['name']} (CLIPScore {record['clip_score']:.4f}, " \
+                        f"CIDEr {record['cider']:.4f})"
+            write(page, top, f"{label}: \"{record['caption']}\"." + caption_check(record, world, split), size=9)
+            picture(page, path.parent / Path(record["figure"]).name, [0.04, top - 0.44, 0.92, 0.39])
+        pages.append(page)
+    return pages
+
+
+def p3_analysis_page(inputs: dict) -> Figure:
+    page = new_page("Problem 3: analysis and grounding")
+    p3_path, p3 = inputs["p3_images"]
+    _, top_last = inputs["top_last"]
+    y = 0.93
+    cls = np.mean([r["cls_share"] for r in p3["images"]])
+    text = (f"How the maps are made: each caption comes from beam search (beam {p3['decode']['beam_size']}); one "
+            f"teacher-forced pass of the final caption then records the cross-attention of decoder layer "
+            f"{p3['layer']} ({p3['layer_reason']}). Attention is causal, so each word's map is exactly the attention "
+            "of the step that chose it. The CLS token is dropped (on the p3 images it received "
+            f"{100 * cls:.1f}% of the attention on average), the patch weights are renormalised, mapped back onto "
+            "the part of the photo CLIP's resize and centre crop kept, upsampled and scaled to each panel's own "
+            "maximum. Words made of several BPE tokens show the mean of their tokens' maps.")
+    y = write(page, y, text)
+    counts = pair_counts(p3["images"], inputs["world"], "p3")
+    if counts:
+        named, present, shown, mentioned = counts
+        y = write(page, y, f"Are the captions reasonable? On the {len(p3['images'])} p3 images the captions name "
+                           f"{named} colour-shape pairs, {present} of them really in the image; they mention "
+                           f"{mentioned} of the {shown} objects shown (from the toy world's boxes; the figure pages "
+                           "list each image's objects).")
+    ranks = {r["rank"]: r for r in top_last["images"]}
+    y = write(page, y, f"Top-1 val image by CLIPScore: {ranks['top1']['name']} ({ranks['top1']['clip_score']:.4f}) "
+                       f"\"{ranks['top1']['caption']}\"; last-1: {ranks['last1']['name']} "
+                       f"({ranks['last1']['clip_score']:.4f}) \"{ranks['last1']['caption']}\".")
+    if inputs["grounding"] is None:
+        write(page, y, "Grounding: not measured (it needs the toy world's object boxes).")
+        return page
+    _, g = inputs["grounding"]
+    y = write(page, y - 0.01, "Grounding score per decoder layer", size=11, weight="bold")
+    y = write(page, y, f"For every generated word naming a colour or shape of an object in the image "
+                       f"({g['words_scored']} words on {g['images']} {g['split']} images; {g['words_absent']} more "
+                       "named something absent and are not scored): the share of the word's attention that falls "
+                       "inside that object's box, against the share uniform attention would give (baseline).")
+    rows = [[str(r["layer"]), str(r["words"]), f"{r['mean_share']:.3f}", f"{r['mean_baseline']:.3f}",
+             f"{r['ratio']:.2f}x", f"{r['colour_share']:.3f}", f"{r['shape_share']:.3f}",
+             f"{r['best_head']} ({r['best_head_share']:.3f})"] for r in g["table"]]
+    best_index = [r["layer"] for r in g["table"]].index(g["best_layer"])
+    y = table(page, y, ["layer", "words", "share in box", "baseline", "ratio", "colour words", "shape words",
+                        "best head (share)"], rows, bold_row=best_index)
+    best = g["table"][best_index]
+    verdict = "meets" if best["ratio"] >= 2 else "does NOT meet"
+    write(page, y, f"Layer {g['best_layer']} grounds best: {100 * best['mean_share']:.1f}% of a named object's "
+                   f"word attention lies in its box, {best['ratio']:.2f}x the uniform baseline of "
+                   f"{100 * best['mean_baseline']:.1f}%; it {verdict} the 2x target. The figures use layer "
+                   f"{p3['layer']}.")
+    return page
+
+
+def build_report(args) -> int:
+    inputs = collect_inputs(Path(args.p1_dir), Path(args.p2_runs), Path(args.p3_dir),
+                            Path(args.toy_world) if args.toy_world else None)
+    split = "p3"
+    p3_path, p3 = inputs["p3_images"]
+    tl_path, tl = inputs["top_last"]
+    pages = [cover_page(inputs, args)] + p1_pages(inputs) + p2_pages(inputs)
+    pages += figure_pages("Problem 3: attention maps of the p3 images", p3_path, p3, inputs["world"], split)
+    pages += figure_pages("Problem 3: top-1 and last-1 val images by CLIPScore", tl_path, tl, inputs["world"],
+                          "p2_val")
+    pages.append(p3_analysis_page(inputs))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with PdfPages(out, metadata={"Title": "DLCV HW3 report", "Creator": "make_report.py"}) as pdf:
+        for page in pages:
+            pdf.savefig(page)
+    return len(pages)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--p1-dir", default="results/p1", help="default %(default)s")
+    parser.add_argument("--p2-runs", default="results/p2", help="default %(default)s")
+    parser.add_argument("--p3-dir", default="results/p3", help="default %(default)s")
+    parser.add_argument("--toy-world", help="toy world folder (default: the one the P2 summaries name)")
+    parser.add_argument("--out", default="hw3_report.pdf", help="default %(default)s")
+    args = parser.parse_args(argv)
+    try:
+        count = build_report(args)
+    except (ReportError, json.JSONDecodeError) as error:
+        sys.exit(f"make_report.py: error: {error}")
+    print(f"wrote {args.out} ({count} pages)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""make_report.py: a report built from small fabricated (but well-formed) result files has the expected pages and the
+numbers of those files; missing or malformed inputs give one clear error listing them."""
+import csv
+import json
+import re
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import make_report
+
+P3_NAMES = ["bike", "girl", "sheep", "ski", "umbrella"]
+
+
+def png(path: Path, size=(300, 200), colour=(200, 80, 40)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def fabricate(root: Path) -> dict:
+    """Result files shaped like p1_clip.py report, p2_train.py, p3_attention.py and toyworld.py write them."""
+    world = root / "world"
+    write_json(world / "toyworld.json", {"generator_version": "toyworld-v1", "hash": "feedc0ffee123456",
+                                         "settings": {"seed": 0, "small": False},
+                                         "clip": {"history": [{"p1_val_acc": 0.8896}]},
+                                         "lm": {"val_perplexity": 3.21}})
+    write_json(world / "boxes.json", {"colours": ["red", "cyan", "orange"], "shapes": ["star", "triangle"], "splits": {
+        "p3": {f"{n}.jpg": {"objects": [{"colour": "orange", "shape": "star", "box": [0, 0, 9, 9]}]}
+               for n in P3_NAMES},
+        "p2_val": {"111.jpg": {"objects": []}, "222.jpg": {"objects": []}}}})
+    p1 = root / "p1"
+    write_json(p1 / "summary.json", {"main_setting": {"prompt": "cifar18", "templates": ["a photo of a {}."] * 18,
+                                                      "synonyms": False, "models": ["clip.pt"], "flip": True,
+                                                      "accuracy": 81.4},
+                                     "readable_images": 2500, "device": "cpu"})
+    with open(p1 / "accuracy.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "templates", "synonyms", "model", "flip", "accuracy", "correct", "images",
+                         "image_seconds", "text_seconds"])
+        for prompt, accuracy in [("a photo of a {object}.", 77.25), ("No {object}, no score.", 45.5),
+                                 ("This is a photo of {object}", 67.5), ("This is not a photo of {object}", 69.52)]:
+            for flip in ("no", "yes"):
+                writer.writerow([prompt, 1, "no", "clip.pt", flip, f"{accuracy + (flip == 'yes'):.2f}", 1, 2, 1, 1])
+    png(p1 / "top5.png", (900, 600))
+    write_json(p1 / "top5.json", [{"file": f"{i}_400.png", "true": "red star",
+                                   "top": [{"label": "red star", "probability": 0.9}]} for i in range(3)])
+    for index, method in enumerate(["adapter", "prefix", "lora"]):
+        run = root / "p2" / f"toy_{method}"
+        write_json(run / "summary.json", {
+            "config_file": f"configs/toy_{method}.yaml", "method": method, "trainable_params": 20000 + index,
+            "checkpoint_params": 12345 + index, "best_epoch": 2, "best": {"CIDEr": 0.9 + index / 100,
+                                                                          "CLIPScore": 0.7 + index / 1000},
+            "epochs": [{"epoch": 1, "train_loss": 1.5, "CIDEr": 0.5, "CLIPScore": 0.6, "seconds": 10}],
+            "decode": {"beam_size": 3}, "data": f"toy world {world}", "finished_at": "2026-11-23T10:00:00"})
+        png(run / "curves.png", (1100, 400))
+    write_json(root / "p2" / "val_scores.json", {"CIDEr": 0.9345, "CLIPScore": 0.7123, "num_images": 500,
+                                                 "annotation_file": "val.json", "clip_model": "clip.pt",
+                                                 "tokenizer": "ptb"})
+    common = {"checkpoint": "runs/toy_lora/best.safetensors", "checkpoint_sha256": "ab" * 32, "layer": 1,
+              "layer_reason": "best grounding layer measured", "head": None, "decode": {"beam_size": 3},
+              "created_at": "2026-11-23T11:00:00"}
+    records = []
+    for name in P3_NAMES:
+        png(root / "p3" / "images" / f"{name}.png", (1400, 1100))
+        records.append({"name": name, "file": f"/data/{name}.jpg", "figure": f"elsewhere/{name}.png",
+                        "caption": "An orange star and a red triangle.", "cls_share": 0.2})
+    write_json(root / "p3" / "images" / "attention.json", {**common, "images": records})
+    ranks = []
+    for rank, stem, score in [("top1", "111", 0.8765), ("last1", "222", 0.4321)]:
+        png(root / "p3" / "top_last" / f"{rank}_{stem}.png", (1400, 600))
+        ranks.append({"name": stem, "file": f"/v/{stem}.jpg", "figure": f"{rank}_{stem}.png", "caption": "A star.",
+                      "cls_share": 0.1, "rank": rank, "clip_score": score, "cider": 0.5, "scored_caption": "A star."})
+    write_json(root / "p3" / "top_last" / "attention.json", {**common, "images": ranks})
+    table = [{"layer": layer, "words": 40, "mean_share": share, "mean_baseline": 0.12, "ratio": share / 0.12,
+              "colour_share": share, "shape_share": share, "best_head": 0, "best_head_share": share + 0.01}
+             for layer, share in [(0, 0.2), (1, 0.3)]]
+    write_json(root / "p3" / "grounding" / "grounding.json", {
+        "table": table, "best_layer": 1, "words_scored": 40, "words_absent": 3, "images": 500, "split": "p2_val",
+        "world": str(world), "world_hash": "feedc0ffee123456", "checkpoint_sha256": "ab" * 32,
+        "created_at": "2026-11-23T11:30:00"})
+    return {"p1": p1, "p2": root / "p2", "p3": root / "p3", "world": world}
+
+
+def pdf_text(path: Path) -> str:
+    """pdftotext when installed; else the PDF's decompressed content streams (enough for digits)."""
+    if shutil.which("pdftotext"):
+        return subprocess.run(["pdftotext", "-layout", str(path), "-"], capture_output=True, text=True).stdout
+    data = path.read_bytes()
+    streams = re.findall(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S)
+    return "".join(zlib.decompress(s).decode("latin-1", "replace") for s in streams
+                   if s[:1] == b"x")  # zlib header
+
+
+def page_count(path: Path) -> int:
+    return len(re.findall(rb"/Type\s*/Page[^s]", path.read_bytes()))
+
+
+def build(folders: dict, out: Path, capsys) -> str:
+    make_report.main(["--p1-dir", str(folders["p1"]), "--p2-runs", str(folders["p2"]), "--p3-dir",
+                      str(folders["p3"]), "--out", str(out)])
+    return capsys.readouterr().out
+
+
+def test_report_pages_and_numbers_come_from_the_result_files(tmp_path, capsys):
+    folders = fabricate(tmp_path)
+    out = tmp_path / "report" / "hw3_report.pdf"
+    printed = build(folders, out, capsys)
+    pages = 1 + 2 + 2 + 3 + 1 + 1  # cover, P1 text + top-5, P2 table + curves, 5 p3 figures 2 a page, top/last, analysis
+    assert page_count(out) == pages and f"({pages} pages)" in printed
+    text = pdf_text(out)
+    if shutil.which("pdftotext"):
+        flat = " ".join(text.split())
+        for expected in ["TOY WORLD", "feedc0ffee123456", "0.890", "This is not a photo of {object}", "69.52",
+                         "70.52", "81.40%", "12,346", "0.9200", "0.7020", "Best setting by val CIDEr: lora",
+                         "CIDEr 0.9345", "top1 by CLIPScore: 111 (CLIPScore 0.8765", "last1", "0.4321",
+                         "2.50x", "meets the 2x target", "Objects in the image: orange star",
+                         "1 of them present", "Layer 1 grounds best: 30.0%"]:
+            assert expected in flat, expected
+        prompts = flat[flat.index("2. Prompts"):]
+        assert prompts.index("This is a photo of {object}") < prompts.index("a photo of a {object}.")  # required first
+    else:
+        for expected in ["0.9345", "0.8765", "0.4321", "12,346"]:
+            assert expected in text or expected.replace(",", "") in text
+
+
+def test_report_without_grounding_says_so(tmp_path, capsys):
+    folders = fabricate(tmp_path)
+    shutil.rmtree(folders["p3"] / "grounding")
+    out = tmp_path / "r.pdf"
+    build(folders, out, capsys)
+    assert page_count(out) == 10
+    if shutil.which("pdftotext"):
+        assert "Grounding: not measured" in " ".join(pdf_text(out).split())
+
+
+def test_missing_inputs_are_listed_together(tmp_path, capsys):
+    folders = fabricate(tmp_path)
+    (folders["p1"] / "top5.png").unlink()
+    shutil.rmtree(folders["p2"] / "toy_prefix")
+    (folders["p3"] / "images" / "girl.png").unlink()
+    shutil.rmtree(folders["p3"] / "top_last")
+    with pytest.raises(SystemExit) as error:
+        build(folders, tmp_path / "r.pdf", capsys)
+    message = str(error.value)
+    assert message.startswith("make_report.py: error: missing inputs:")
+    for expected in ["top5.png", "method 'prefix'", "girl.png", "top-1/last-1 records"]:
+        assert expected in message
+    assert not (tmp_path / "r.pdf").exists()
+
+
+def test_malformed_summary_is_named(tmp_path, capsys):
+    folders = fabricate(tmp_path)
+    summary_path = folders["p2"] / "toy_lora" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    del summary["checkpoint_params"]
+    summary_path.write_text(json.dumps(summary))
+    with pytest.raises(SystemExit) as error:
+        build(folders, tmp_path / "r.pdf", capsys)
+    assert "toy_lora/summary.json lacks ['checkpoint_params']" in str(error.value)
