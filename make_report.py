@@ -325,24 +325,33 @@ def caption_check(record: dict, world: Optional[dict], split: str) -> str:
     present = sorted(f"{o['colour']} {o['shape']}" for o in objects["objects"])
     named = named_pairs(record["caption"], world["boxes"])
     right = [p for p in named if p in present]
+    wrong = sorted(set(named) - set(present))
     return (f" Objects in the image: {', '.join(present)}; the caption names {len(named)} pair(s), "
-            f"{len(right)} of them present{'' if len(right) == len(named) else ' (wrong: ' + ', '.join(p for p in named if p not in present) + ')'}"
+            f"{len(right)} of them present{' (wrong: ' + ', '.join(wrong) + ')' if wrong else ''}"
             f"{'' if set(present) <= set(named) else '; missed: ' + ', '.join(p for p in present if p not in named)}.")
 
 
 def figure_pages(title: str, path: Path, info: dict, world: Optional[dict], split: str) -> List[Figure]:
-    pages = []
-    for start in range(0, len(info["images"]), 2):
-        page = new_page(title)
-        for slot, record in enumerate(info["images"][start:start + 2]):
-            top = 0.93 - slot * 0.46
-            label = f"{record['name']}"
-            if "rank" in record:
-                label = f"{record['rank']} by CLIPScore: {record['name']} (CLIPScore {record['clip_score']:.4f}, " \
-                        f"CIDEr {record['cider']:.4f})"
-            write(page, top, f"{label}: \"{record['caption']}\"." + caption_check(record, world, split), size=9)
-            picture(page, path.parent / Path(record["figure"]).name, [0.04, top - 0.44, 0.92, 0.39])
-        pages.append(page)
+    """The figures at full page width, as many per page as fit; a figure may shrink to 70% to share a page, and one
+    taller than a page is scaled down to fit."""
+    pages: List[Figure] = []
+    y = 0.0
+    for record in info["images"]:
+        figure_path = path.parent / Path(record["figure"]).name
+        width, height = Image.open(figure_path).size
+        full_height = 0.92 * PAGE[0] * height / width / PAGE[1]
+        if not pages or y - 0.09 < 0.7 * min(full_height, 0.75):
+            pages.append(new_page(title))
+            y = 0.93
+        label = record["name"]
+        if "rank" in record:
+            label = f"{record['rank']} by CLIPScore: {record['name']} (CLIPScore {record['clip_score']:.4f}, " \
+                    f"CIDEr {record['cider']:.4f})"
+        y = write(pages[-1], y, f"{label}: \"{record['caption']}\"." + caption_check(record, world, split), size=9)
+        fig_height = min(full_height, y - 0.03)
+        fig_width = fig_height * width / height * PAGE[1] / PAGE[0]
+        picture(pages[-1], figure_path, [0.5 - fig_width / 2, y - fig_height, fig_width, fig_height])
+        y -= fig_height + 0.03
     return pages
 
 

@@ -90,13 +90,10 @@ def fabricate(root: Path) -> dict:
     return {"p1": p1, "p2": root / "p2", "p3": root / "p3", "world": world}
 
 
-def pdf_text(path: Path) -> str:
-    """pdftotext when installed; else the PDF's decompressed content streams (enough for digits)."""
-    if shutil.which("pdftotext"):
-        return subprocess.run(["pdftotext", "-layout", str(path), "-"], capture_output=True, text=True).stdout
-    data = path.read_bytes()
-    streams = re.findall(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S)
-    return "".join(zlib.decompress(s).decode("latin-1", "replace") for s in streams
+def pdf_streams_text(path: Path) -> str:
+    """The PDF's decompressed content streams: text appears there in kerned pieces, but runs of digits are whole."""
+    streams = re.findall(rb"stream\r?\n(.*?)\r?\nendstream", path.read_bytes(), re.S)
+    return "".join(zlib.decompressobj().decompress(s).decode("latin-1", "replace") for s in streams
                    if s[:1] == b"x")  # zlib header
 
 
@@ -114,10 +111,14 @@ def test_report_pages_and_numbers_come_from_the_result_files(tmp_path, capsys):
     folders = fabricate(tmp_path)
     out = tmp_path / "report" / "hw3_report.pdf"
     printed = build(folders, out, capsys)
-    pages = 1 + 2 + 2 + 3 + 1 + 1  # cover, P1 text + top-5, P2 table + curves, 5 p3 figures 2 a page, top/last, analysis
+    # cover, P1 text + top-5, P2 table + curves, 5 tall p3 figures one a page, 2 wide top/last on one, analysis
+    pages = 1 + 2 + 2 + 5 + 1 + 1
     assert page_count(out) == pages and f"({pages} pages)" in printed
-    text = pdf_text(out)
-    if shutil.which("pdftotext"):
+    streams = pdf_streams_text(out)
+    for expected in ["0.9345", "0.8765", "0.4321", "12,346", "feedc0ffee123456", "2.50x"]:
+        assert expected in streams, expected
+    if shutil.which("pdftotext"):  # the whole text (poppler-utils is not part of the environment)
+        text = subprocess.run(["pdftotext", "-layout", str(out), "-"], capture_output=True, text=True).stdout
         flat = " ".join(text.split())
         for expected in ["TOY WORLD", "feedc0ffee123456", "0.890", "This is not a photo of {object}", "69.52",
                          "70.52", "81.40%", "12,346", "0.9200", "0.7020", "Best setting by val CIDEr: lora",
@@ -127,9 +128,6 @@ def test_report_pages_and_numbers_come_from_the_result_files(tmp_path, capsys):
             assert expected in flat, expected
         prompts = flat[flat.index("2. Prompts"):]
         assert prompts.index("This is a photo of {object}") < prompts.index("a photo of a {object}.")  # required first
-    else:
-        for expected in ["0.9345", "0.8765", "0.4321", "12,346"]:
-            assert expected in text or expected.replace(",", "") in text
 
 
 def test_report_without_grounding_says_so(tmp_path, capsys):
@@ -137,9 +135,11 @@ def test_report_without_grounding_says_so(tmp_path, capsys):
     shutil.rmtree(folders["p3"] / "grounding")
     out = tmp_path / "r.pdf"
     build(folders, out, capsys)
-    assert page_count(out) == 10
+    assert page_count(out) == 12
+    assert "2.50x" not in pdf_streams_text(out)
     if shutil.which("pdftotext"):
-        assert "Grounding: not measured" in " ".join(pdf_text(out).split())
+        text = subprocess.run(["pdftotext", str(out), "-"], capture_output=True, text=True).stdout
+        assert "Grounding: not measured (it needs the toy world" in " ".join(text.split())
 
 
 def test_missing_inputs_are_listed_together(tmp_path, capsys):
