@@ -37,7 +37,7 @@ from tokenizer import EOT, EOT_ID
 @dataclass
 class DecodeConfig:
     beam_size: int = 3
-    max_length: int = 30  # new tokens per caption, the end token included
+    max_length: int = 30  # decoding steps: at most this many tokens per caption, an end token included
     length_penalty: float = 1.0  # exponent of the length normalisation of finished hypotheses
     no_repeat_ngram_size: int = 0  # 0 = off
     use_cache: bool = True  # False: recompute everything at every step (same captions, much slower)
