@@ -1,0 +1,109 @@
+"""The best image-blind captioner on the toy world: one fixed caption for every val image.
+
+    python3 bench/p2_toy_baselines.py TOY_WORLD_DIR [--top 20] [--json-out FILE]
+
+Candidates: the `top` most frequent training captions and the tiny GPT-2's greedy caption (what the decoder says
+without an image). Every candidate is scored on the toy val set; the best CIDEr and the best CLIPScore (tiny CLIP)
+may come from different captions, and both bars count. The winners are scored again with metrics.score_captions
+(the project's scorer); the search itself uses the same CIDEr on one PTB tokenisation of all candidates and batched
+CLIP features. Prints JSON: {"CIDEr", "CLIPScore", "cider_caption", "clipscore_caption", "candidates": [...]}.
+"""
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from caption_data import read_split  # noqa: E402
+from decoder import Decoder  # noqa: E402
+from metrics import (ClipScorer, cider_d_tokenized, load_references, ptb_tokenize, score_captions,  # noqa: E402
+                     tokenize_for_scoring)
+from tokenizer import EOT_ID, BPETokenizer  # noqa: E402
+
+
+@torch.no_grad()
+def lm_greedy_caption(decoder_path: str, max_tokens: int = 40) -> str:
+    """The decoder's most likely caption without an image: greedy from <|endoftext|> to the next one."""
+    decoder = Decoder.from_course_file(decoder_path).eval()
+    tokens, past = [EOT_ID], None
+    for _ in range(max_tokens):
+        logits, past = decoder(torch.tensor([tokens[-1:]]), past=past)
+        token = int(logits[0, -1].argmax())
+        if token == EOT_ID:
+            break
+        tokens.append(token)
+    return BPETokenizer().decode(tokens[1:]).strip()
+
+
+def cider_of_fixed_captions(candidates: List[str], annotation_file: str) -> List[float]:
+    """CIDEr of each candidate given to every image (one PTB run for all candidates, one for the references)."""
+    references, _ = load_references(annotation_file)
+    _, tokenized_refs = tokenize_for_scoring({key: candidates[0] for key in references}, references)
+    tokenized = ptb_tokenize({str(i): [caption] for i, caption in enumerate(candidates)})
+    return [cider_d_tokenized({key: tokenized[str(i)][0] for key in references}, tokenized_refs)[0]
+            for i in range(len(candidates))]
+
+
+def clipscore_of_fixed_captions(candidates: List[str], scorer: ClipScorer, image_paths: List[str]) -> List[float]:
+    """Mean CLIPScore (2.5 * max(cos, 0)) of each candidate over the images, with batched image features."""
+    model, device = scorer.model, scorer.device
+    features = []
+    for path in image_paths:
+        with Image.open(path) as image:
+            features.append(model.encode_image(scorer.preprocess(image).unsqueeze(0).to(device)).float())
+    images = F.normalize(torch.cat(features), dim=-1)
+    texts = F.normalize(torch.cat([model.encode_text(scorer.tokenize(c)[0].to(device)).float()
+                                   for c in candidates]), dim=-1)
+    return (2.5 * (images @ texts.t()).clamp(min=0)).mean(0).tolist()
+
+
+def best_fixed_caption(toy_world: str, top: int = 20, device: str = "cpu") -> Dict:
+    data = os.path.join(toy_world, "hw3_data", "p2_data")
+    train = read_split(os.path.join(data, "train.json"), os.path.join(data, "images", "train"))
+    val_json, val_images = os.path.join(data, "val.json"), os.path.join(data, "images", "val")
+    val = read_split(val_json, val_images)
+    frequent = [caption for caption, _ in Counter(c for caps in train.captions for c in caps).most_common(top)]
+    candidates = list(dict.fromkeys(frequent + [lm_greedy_caption(os.path.join(toy_world, "decoder_model.bin"))]))
+    scorer = ClipScorer.load(os.path.join(toy_world, "clip.pt"), device)
+    ciders = cider_of_fixed_captions(candidates, val_json)
+    with torch.no_grad():
+        clipscores = clipscore_of_fixed_captions(candidates, scorer, val.paths)
+    best_cider = candidates[max(range(len(candidates)), key=ciders.__getitem__)]
+    best_clip = candidates[max(range(len(candidates)), key=clipscores.__getitem__)]
+    result = {}
+    for metric, caption in (("CIDEr", best_cider), ("CLIPScore", best_clip)):
+        scores = score_captions({key: caption for key in val.keys}, val_json, val_images,
+                                clip_model=scorer if metric == "CLIPScore" else None, progress=False)
+        result[metric] = scores[metric]
+    result.update(cider_caption=best_cider, clipscore_caption=best_clip,
+                  candidates=[{"caption": c, "CIDEr": round(a, 4), "CLIPScore": round(b, 4)}
+                              for c, a, b in zip(candidates, ciders, clipscores)])
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("toy_world", help="a toyworld.py folder")
+    parser.add_argument("--top", type=int, default=20, help="how many of the most frequent training captions to try")
+    parser.add_argument("--json-out", help="also write the result here")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.toy_world, "toyworld.json")):
+        parser.error(f"{args.toy_world} is not a toy world (no toyworld.json)")
+    result = best_fixed_caption(args.toy_world, args.top)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The files of a p2_train.py run folder (layout fixed in shared_contract.md):
+
+    best.safetensors      trainable tensors of the best validation (by CIDEr), prefixes collapsed: for inference
+    last.safetensors      trainable tensors of the latest state (prefix MLP kept), with resume.pt: for --resume
+    resume.pt             optimizer, scheduler, GradScaler, progress and config (a pickle: training only)
+    log.jsonl             one JSON object per logged training step ("type": "train") and validation ("val")
+    curves.png            training loss per step, val CIDEr / CLIPScore per validation
+    val_predictions.json  {image key: caption} of the best validation
+    summary.json          the run in one object (read by the report builder)
+    config.yaml           the resolved config of the run
+Only rank 0 writes (`active`).
+"""
+import dataclasses
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from captioner import CaptionModel, count_checkpoint_params, count_trainable, save_trainable  # noqa: E402
+
+
+def saved_config(out: str) -> dict:
+    """The config dict a run saved in OUT/resume.pt."""
+    path = os.path.join(out, "resume.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    return torch.load(path, map_location="cpu")["config"]
+
+
+class RunFiles:
+    def __init__(self, out: str, active: bool = True):
+        self.out, self.active = Path(out), active
+        self.best, self.last = self.out / "best.safetensors", self.out / "last.safetensors"
+        self.resume, self.log_path = self.out / "resume.pt", self.out / "log.jsonl"
+        self.records = []
+
+    def load_resume(self) -> dict:
+        if not (self.resume.is_file() and self.last.is_file()):
+            raise FileNotFoundError(f"nothing to resume in {self.out}: need last.safetensors and resume.pt")
+        return torch.load(self.resume, map_location="cpu")
+
+    def restore_log(self, step: int) -> None:
+        """Keeps the log lines up to the resumed step (later ones belong to work that was not saved)."""
+        if self.log_path.is_file():
+            records = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in records if r.get("step", 0) <= step]
+
+    def start(self, config, config_file: Optional[str], paths: dict) -> None:
+        if not self.active:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        print(f"run folder: {self.out} (data: {paths['description']}; config: {config_file or 'resumed'})",
+              flush=True)
+
+    def log(self, **record) -> None:
+        if not self.active:
+            return
+        record["time"] = datetime.datetime.now().isoformat(timespec="seconds")
+        self.records.append(record)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_best(self, model: CaptionModel, predictions: dict) -> None:
+        _replace(self.best, lambda path: save_trainable(model, path))
+        _replace(self.out / "val_predictions.json",
+                 lambda path: Path(path).write_text(json.dumps(predictions, indent=1, sort_keys=True)))
+
+    def save_last(self, model: CaptionModel, state: dict) -> None:
+        if not self.active:
+            return
+        _replace(self.last, lambda path: save_trainable(model, path, collapse_prefix=False))
+        _replace(self.resume, lambda path: torch.save(state, path))
+
+    def write_summary(self, config, config_file: Optional[str], paths: dict, model: CaptionModel, progress: dict,
+                      finished: bool = False) -> dict:
+        summary = {
+            "config_file": config_file, "method": "+".join(config.model.peft) or "none",
+            "trainable_params": count_trainable(model),
+            "checkpoint_params": count_checkpoint_params(str(self.best)) if self.best.is_file() else None,
+            "best_epoch": progress["best_epoch"], "best": progress["best"], "epochs": progress["history"],
+            "decode": dataclasses.asdict(config.decode), "data": paths["description"],
+            "finished_at": datetime.datetime.now().isoformat(timespec="seconds") if finished else None,
+        }
+        if self.active:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.plot()
+        return summary
+
+    def plot(self) -> None:
+        train = [r for r in self.records if r["type"] == "train"]
+        val = [r for r in self.records if r["type"] == "val"]
+        figure, (loss_axes, score_axes) = plt.subplots(1, 2, figsize=(11, 4))
+        loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (logged steps)")
+        loss_axes.plot([r["step"] for r in val], [r["train_loss"] for r in val], "o-", label="train (per validation)")
+        loss_axes.set(xlabel="optimizer step", ylabel="cross-entropy", title="training loss")
+        loss_axes.legend()
+        for metric in ("CIDEr", "CLIPScore"):
+            score_axes.plot([r["step"] for r in val], [r[metric] for r in val], "o-", label=f"val {metric}")
+        score_axes.set(xlabel="optimizer step", title="validation")
+        score_axes.legend()
+        figure.tight_layout()
+        figure.savefig(self.out / "curves.png", dpi=100)
+        plt.close(figure)
+
+
+def _replace(path: Path, write) -> None:
+    """write(temporary path), then an atomic rename: an interruption never leaves a half-written file."""
+    temporary = f"{path}.tmp"
+    write(temporary)
+    os.replace(temporary, path)
