@@ -34,6 +34,7 @@ import attention_maps as am  # noqa: E402
 import grounding  # noqa: E402
 from captioner import load_captioner  # noqa: E402
 from generation import DecodeConfig, clean_caption  # noqa: E402
+from hw3_download import checkpoint_path  # noqa: E402
 from tokenizer import BPETokenizer  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -45,7 +46,8 @@ class InputError(ValueError):
 
 
 def add_model_options(parser: argparse.ArgumentParser, decoder_required: bool = True) -> None:
-    parser.add_argument("--checkpoint", required=True, help="trained captioner (best.safetensors of p2_train.py)")
+    parser.add_argument("--checkpoint", help="trained captioner, e.g. best.safetensors of p2_train.py (default: "
+                                             f"{checkpoint_path('p2_best')}, fetched by hw3_download.sh)")
     parser.add_argument("--decoder", required=decoder_required, help="the course's decoder_model.bin (GPT-2)")
     parser.add_argument("--encoder", help="image encoder override, e.g. the toy world's clip.pt (default: the "
                                           "checkpoint's)")
@@ -64,6 +66,7 @@ def file_sha256(path: str) -> str:
 
 
 def load_model(args):
+    args.checkpoint = args.checkpoint or str(checkpoint_path("p2_best"))
     for label, path in (("checkpoint", args.checkpoint), ("decoder", args.decoder)):
         if not os.path.isfile(path):
             raise InputError(f"{label} not found: {path}")
