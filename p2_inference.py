@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -65,30 +65,36 @@ def list_images(folder: str) -> List[Path]:
                   if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
 
 
-@torch.no_grad()
+Batch = Tuple[List[str], torch.Tensor, Dict[str, str]]
+
+
+def encoded_batches(model: CaptionModel, paths: Sequence[Path], batch_size: int = 32, num_workers: int = 4,
+                    device: str = "cpu", desc: str = "captioning") -> Iterator[Batch]:
+    """Per batch: (names of the readable files, their image tokens [b, N, D] on `device`, {name: why unreadable})."""
+    dataset = ImageFiles(paths, model.encoder.preprocess, model.encoder.image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    for images, indices, messages in tqdm(loader, desc=desc, unit="batch"):
+        names = [paths[i].name for i in indices.tolist()]
+        errors = {name: message for name, message in zip(names, messages) if message}
+        readable = [i for i, message in enumerate(messages) if not message]
+        images = images[readable].to(device, non_blocking=True)
+        with torch.no_grad(), autocast_for(images.device):
+            tokens = model.encode_images(images) if readable else images.new_zeros(0)
+        yield [names[i] for i in readable], tokens, errors
+
+
 def caption_files(model: CaptionModel, paths: Sequence[Path], decode: DecodeConfig, batch_size: int = 32,
                   num_workers: int = 4, device: str = "cpu") -> Tuple[Dict[str, str], Dict[str, str]]:
     """({file name: caption}, {file name: why it could not be read}) for `paths`; unreadable files get
     FALLBACK_CAPTION."""
     tokenizer = BPETokenizer()
-    dataset = ImageFiles(paths, model.encoder.preprocess, model.encoder.image_size)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda")
     captions, errors = {}, {}
-    for images, indices, messages in tqdm(loader, desc="captioning", unit="batch"):
-        names = [paths[i].name for i in indices.tolist()]
-        readable = [i for i, message in enumerate(messages) if not message]
-        for name, message in zip(names, messages):
-            if message:
-                errors[name] = message
-                captions[name] = FALLBACK_CAPTION
-        if not readable:
-            continue
-        images = images[readable].to(device, non_blocking=True)
-        with autocast_for(images.device):
-            tokens = model.encode_images(images)
-        for i, caption in zip(readable, caption_images(model, tokens, decode, tokenizer)):
-            captions[names[i]] = caption
+    for names, tokens, batch_errors in encoded_batches(model, paths, batch_size, num_workers, device):
+        errors.update(batch_errors)
+        captions.update(dict.fromkeys(batch_errors, FALLBACK_CAPTION))
+        if names:
+            captions.update(zip(names, caption_images(model, tokens, decode, tokenizer)))
     return captions, errors
 
 

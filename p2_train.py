@@ -189,6 +189,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         from run_files import saved_config
         if not args.out:
             raise ValueError("--resume needs --out, the run folder to continue")
+        if args.config:
+            print(f"--resume: the config saved in {args.out}/resume.pt applies, not {args.config} "
+                  "(change values with --set)", file=sys.stderr)
         config = load_config(None, args.overrides, base=saved_config(args.out), flags=flags)
     elif not args.config:
         raise ValueError("give --config FILE (or --resume --out DIR)")

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,8 @@ def setup_distributed(device: Optional[str]) -> Tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device:
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda" and device.index is not None:
@@ -161,6 +163,49 @@ def validate(captioner: CaptionModel, loader: DataLoader, keys: List[str], encod
     return {"CIDEr": result["CIDEr"], "CLIPScore": result["CLIPScore"]}, predictions
 
 
+class TrainingData(NamedTuple):
+    train: CaptionDataset  # items: (image or cached tokens, caption tokens, image index)
+    val_loader: DataLoader  # val images (or cached tokens) in val_keys order
+    val_keys: List[str]
+    encode: bool  # items are images for the encoder, not cached tokens
+    workers: int  # DataLoader processes for the training items
+    vocabulary: Optional[VocabularySubset]  # train_vocab: captions
+
+
+def load_data(config: TrainConfig, paths: dict, model: CaptionModel, tokenizer: BPETokenizer, rank: int,
+              world_size: int, device: torch.device) -> TrainingData:
+    """Annotations, tokenised captions, and images or (cache_features; rank 0 computes, the others wait) their
+    cached encoder tokens."""
+    train_split = read_split(paths["train_json"], paths["train_images"])
+    val_split = read_split(paths["val_json"], paths["val_images"])
+    captions = tokenize_captions(train_split, tokenizer, config.model.max_caption_length)
+    encoder = model.encoder
+    if config.cache_features:
+        started, cache_dir = time.time(), os.path.expanduser(config.cache_dir)
+        for turn in (0, 1) if world_size > 1 else (0,):
+            if (rank == 0) == (turn == 0):
+                train_images = feature_cache(encoder, train_split.paths, cache_dir, device)
+                val_images = feature_cache(encoder, val_split.paths, cache_dir, device)
+            if world_size > 1:
+                dist.barrier()
+        if rank == 0:
+            print(f"encoder tokens cached in {cache_dir} ({time.time() - started:.1f} s)", flush=True)
+    else:
+        train_images = ImageFiles(train_split.paths, image_transform(encoder, config.augment))
+        val_images = ImageFiles(val_split.paths, encoder.preprocess)
+    workers = 0 if config.cache_features else config.num_workers  # a memmap read is cheaper than a process
+    val_loader = image_batches(val_images, config.val_batch_size, workers, config.val_images or None)
+    vocabulary = None
+    if config.train_vocab == "captions":
+        token_ids = caption_vocabulary(captions, extra=[EOT_ID])
+        vocabulary = VocabularySubset(token_ids, model.decoder.config.vocab_size, device)
+        if rank == 0:
+            print(f"training softmax over the {len(token_ids)} tokens of the training captions", flush=True)
+    train = CaptionDataset(train_images, captions, per_image=config.epoch_items == "images", seed=config.seed)
+    return TrainingData(train, val_loader, val_split.keys[:len(val_loader.dataset)], not config.cache_features,
+                        workers, vocabulary)
+
+
 # ---- the loop -----------------------------------------------------------------------------------------------------
 
 def train(config: TrainConfig, config_file: Optional[str] = None, resume: bool = False,
@@ -180,36 +225,10 @@ def train(config: TrainConfig, config_file: Optional[str] = None, resume: bool =
     if main:
         print(parameter_table(model), flush=True)
 
-    # data
     tokenizer = BPETokenizer()
-    train_split = read_split(paths["train_json"], paths["train_images"])
-    val_split = read_split(paths["val_json"], paths["val_images"])
-    captions = tokenize_captions(train_split, tokenizer, config.model.max_caption_length)
-    encoder, encode = model.encoder, not config.cache_features
-    if config.cache_features:
-        started, cache_dir = time.time(), os.path.expanduser(config.cache_dir)
-        for turn in (0, 1) if world_size > 1 else (0,):  # rank 0 computes the cache, then the others open it
-            if (rank == 0) == (turn == 0):
-                train_images = feature_cache(encoder, train_split.paths, cache_dir, device)
-                val_images = feature_cache(encoder, val_split.paths, cache_dir, device)
-            if world_size > 1:
-                dist.barrier()
-        if main:
-            print(f"encoder tokens cached in {cache_dir} ({time.time() - started:.1f} s)", flush=True)
-    else:
-        train_images = ImageFiles(train_split.paths, image_transform(encoder, config.augment))
-        val_images = ImageFiles(val_split.paths, encoder.preprocess)
-    dataset = CaptionDataset(train_images, captions, per_image=config.epoch_items == "images", seed=config.seed)
+    data = load_data(config, paths, model, tokenizer, rank, world_size, device)
+    dataset, val_loader, encode = data.train, data.val_loader, data.encode
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed)
-    workers = 0 if config.cache_features else config.num_workers
-    val_loader = image_batches(val_images, config.val_batch_size, workers, config.val_images or None)
-    val_keys = val_split.keys[:len(val_loader.dataset)]
-    vocabulary = None
-    if config.train_vocab == "captions":
-        token_ids = caption_vocabulary(captions, extra=[EOT_ID])
-        vocabulary = VocabularySubset(token_ids, model.decoder.config.vocab_size, device)
-        if main:
-            print(f"training softmax over the {len(token_ids)} tokens of the training captions", flush=True)
     scorer = ClipScorer.load(paths["clip_model"], device) if main else None
 
     # optimisation
@@ -237,8 +256,8 @@ def train(config: TrainConfig, config_file: Optional[str] = None, resume: bool =
         """Validation, checkpoints and logs (rank 0); the other ranks wait."""
         if main:
             started = time.time()
-            scores, predictions = validate(model, val_loader, val_keys, encode, config, paths, scorer, tokenizer,
-                                           device)
+            scores, predictions = validate(model, val_loader, data.val_keys, encode, config, paths, scorer,
+                                           tokenizer, device)
             record = dict(epoch=epoch + 1, step=progress["step"], train_loss=sum(losses) / max(1, len(losses)),
                           CIDEr=scores["CIDEr"], CLIPScore=scores["CLIPScore"], seconds=round(seconds, 2),
                           val_seconds=round(time.time() - started, 2))
@@ -265,7 +284,7 @@ def train(config: TrainConfig, config_file: Optional[str] = None, resume: bool =
             dataset.set_epoch(epoch)
             order = list(sampler)[progress["batches_done"] * config.batch_size:]  # resume mid-epoch
             loader = DataLoader(dataset, config.batch_size, sampler=order, collate_fn=collate_captions,
-                                num_workers=workers, pin_memory=device.type == "cuda")
+                                num_workers=data.workers, pin_memory=device.type == "cuda")
             batch_index, losses, started = progress["batches_done"], [], time.time()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not main,
                        initial=batch_index, total=batches_per_epoch)
@@ -273,7 +292,7 @@ def train(config: TrainConfig, config_file: Optional[str] = None, resume: bool =
                 batch_index += 1
                 sync = batch_index % config.grad_accum == 0 or batch_index == batches_per_epoch
                 with ddp.no_sync() if world_size > 1 and not sync else nullcontext():
-                    loss = caption_loss(ddp, model, batch, encode, device, config, vocabulary)
+                    loss = caption_loss(ddp, model, batch, encode, device, config, data.vocabulary)
                     scaler.scale(loss / config.grad_accum).backward()
                 losses.append(loss.item())
                 if not sync:

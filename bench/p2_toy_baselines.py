@@ -50,13 +50,17 @@ def cider_of_fixed_captions(candidates: List[str], annotation_file: str) -> List
             for i in range(len(candidates))]
 
 
-def clipscore_of_fixed_captions(candidates: List[str], scorer: ClipScorer, image_paths: List[str]) -> List[float]:
-    """Mean CLIPScore (2.5 * max(cos, 0)) of each candidate over the images, with batched image features."""
+def clipscore_of_fixed_captions(candidates: List[str], scorer: ClipScorer, image_paths: List[str],
+                                batch_size: int = 100) -> List[float]:
+    """Mean CLIPScore (2.5 * max(cos, 0)) of each candidate over the images, from batched image features."""
     model, device = scorer.model, scorer.device
     features = []
-    for path in image_paths:
-        with Image.open(path) as image:
-            features.append(model.encode_image(scorer.preprocess(image).unsqueeze(0).to(device)).float())
+    for start in range(0, len(image_paths), batch_size):
+        images = []
+        for path in image_paths[start:start + batch_size]:
+            with Image.open(path) as image:
+                images.append(scorer.preprocess(image))
+        features.append(model.encode_image(torch.stack(images).to(device)).float())
     images = F.normalize(torch.cat(features), dim=-1)
     texts = F.normalize(torch.cat([model.encode_text(scorer.tokenize(c)[0].to(device)).float()
                                    for c in candidates]), dim=-1)

@@ -3,7 +3,6 @@ trainable tensors, Ctrl-C + resume equal to an uninterrupted run, torchrun/DDP o
 parameter budget at real size, and the three toy configs against the best image-blind baseline (slow)."""
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from captioner import (MAX_TRAINABLE, CaptionModel, count_checkpoint_params, cou
                        read_checkpoint, save_trainable, trainable_state_dict)
 from decoder import Decoder, GPTConfig, gpt2_parameter_names
 from image_encoder import load_image_encoder
-from p2_train import TrainConfig, load_config, main
+from p2_train import load_config, main
 from training import VocabularySubset, warmup_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
