@@ -128,7 +128,7 @@ def feature_cache(encoder: ImageEncoder, paths: Sequence[str], cache_dir: str, d
                   num_workers: int = 0) -> FeatureCache:
     """The encoder's tokens of `paths` (unaugmented), from `cache_dir` if computed before, else computed now (fp16)
     and stored there. The file name hashes the encoder and the image paths; a description sits beside it."""
-    description = {"encoder": _encoder_fingerprint(encoder), "image_size": encoder.image_size,
+    description = {"encoder": _encoder_fingerprint(encoder), "layer": encoder.layer, "image_size": encoder.image_size,
                    "paths": [os.path.abspath(p) for p in paths]}
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"features-{digest}.npy")

@@ -31,6 +31,7 @@ MAX_TRAINABLE = 35_000_000  # the assignment's limit, counted on the saved check
 class CaptionConfig:
     """Everything needed to rebuild a CaptionModel; stored as JSON in every checkpoint."""
     encoder: str = "ViT-L/14"  # see image_encoder.py
+    encoder_layer: int = -1  # which encoder block's tokens (Python-style index; -2: the penultimate block)
     decoder: GPTConfig = field(default_factory=GPTConfig)  # sizes must match decoder_model.bin; dropout is free
     context_width: int = 768  # width of the shared projection of the image tokens, fed to every cross-attention
     cross_attn_layers: Optional[List[int]] = None  # decoder blocks with cross-attention; None = all
@@ -195,7 +196,7 @@ def build_caption_model(config: CaptionConfig, decoder_weights: Optional[str], d
                         pretrained_encoder: bool = True, encoder: Optional[str] = None) -> CaptionModel:
     """A new CaptionModel: encoder `encoder or config.encoder` (pretrained=False: random weights, for tests),
     GPT-2 loaded from `decoder_weights` (a decoder_model.bin path; None: random weights, for tests)."""
-    image_encoder = load_image_encoder(encoder or config.encoder, device, pretrained_encoder)
+    image_encoder = load_image_encoder(encoder or config.encoder, device, pretrained_encoder, config.encoder_layer)
     if decoder_weights is None:
         decoder = Decoder(config.decoder)
     else:

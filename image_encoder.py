@@ -9,6 +9,10 @@ Names (`load_image_encoder(name)`):
   which only the `_quickgelu_` variants reproduce.
 - the path of a state_dict in OpenAI CLIP's layout (e.g. the toy world's `clip.pt`), loaded by clip_models.load_clip.
 
+`layer` picks which block's output the tokens come from, Python-style: -1 the last block (default), -2 the one before
+(its patch tokens are more local: the last block's patch outputs feed nothing in CLIP's training loss), 0 the first.
+The backbone's final norm is applied to whichever block is chosen.
+
 Metadata for cross-attention maps (P3): `grid` (h, w) of patches, `n_prefix_tokens` leading non-patch tokens
 (CLS, ...), so patch tokens are `tokens[:, n_prefix_tokens:]` reshaped to grid; `width` D; `image_size`;
 `preprocess` (PIL image -> normalised tensor, the backbone's own resize/crop/normalisation).
@@ -29,12 +33,20 @@ CLIP_VITS = {"ViT-B/32": (224, 32, 768, 12), "ViT-B/16": (224, 16, 768, 12), "Vi
              "ViT-L/14@336px": (336, 14, 1024, 24)}
 
 
-def clip_vit_tokens(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """CLIP's VisionTransformer.forward, keeping every token: [B, 1 + h*w, width], ln_post applied, no projection."""
+def blocks_up_to(blocks: nn.Sequential, layer: int) -> nn.Sequential:
+    """The first blocks of `blocks`, up to and including index `layer` (Python-style, -1: all)."""
+    if not -len(blocks) <= layer < len(blocks):
+        raise ValueError(f"encoder layer {layer} out of range for {len(blocks)} blocks")
+    return blocks[:layer % len(blocks) + 1]
+
+
+def clip_vit_tokens(visual: VisionTransformer, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """CLIP's VisionTransformer.forward, keeping every token of block `layer`: [B, 1 + h*w, width], ln_post applied,
+    no projection."""
     x = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [B, h*w, width]
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
-    x = visual.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # the transformer takes [L, B, D]
+    x = blocks_up_to(visual.transformer.resblocks, layer)(x.permute(1, 0, 2)).permute(1, 0, 2)  # blocks take [L, B, D]
     return visual.ln_post(x)
 
 
@@ -42,9 +54,9 @@ class ImageEncoder(nn.Module):
     """A frozen backbone (no gradients, always in eval mode) with the metadata described in the module docstring."""
 
     def __init__(self, name: str, backbone: nn.Module, preprocess: Callable, grid: Tuple[int, int],
-                 n_prefix_tokens: int, width: int, image_size: int):
+                 n_prefix_tokens: int, width: int, image_size: int, layer: int = -1):
         super().__init__()
-        self.name, self.backbone, self.preprocess = name, backbone, preprocess
+        self.name, self.backbone, self.preprocess, self.layer = name, backbone, preprocess, layer
         self.grid, self.n_prefix_tokens, self.width, self.image_size = tuple(grid), n_prefix_tokens, width, image_size
         self.backbone.requires_grad_(False)
         self.backbone.eval()
@@ -59,18 +71,30 @@ class ImageEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if isinstance(self.backbone, VisionTransformer):
-            tokens = clip_vit_tokens(self.backbone, images)
+            tokens = clip_vit_tokens(self.backbone, images, self.layer)
         else:
-            dtype = next(self.backbone.parameters()).dtype
-            tokens = self.backbone.forward_features(images.to(dtype))
+            tokens = timm_vit_tokens(self.backbone, images, self.layer)
         return tokens.float()
 
 
-def load_image_encoder(name: str, device="cpu", pretrained: bool = True) -> ImageEncoder:
-    """The encoder called `name` (see the module docstring). pretrained=False builds the same architecture with
-    random weights (tests; nothing is downloaded); a local file always loads its weights."""
+def timm_vit_tokens(model: nn.Module, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """timm's VisionTransformer.forward_features, stopping after block `layer`."""
+    x = images.to(next(model.parameters()).dtype)
+    if layer == -1:
+        return model.forward_features(x)
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    return model.norm(blocks_up_to(model.blocks, layer)(x))
+
+
+def load_image_encoder(name: str, device="cpu", pretrained: bool = True, layer: int = -1) -> ImageEncoder:
+    """The encoder called `name` (see the module docstring), its tokens taken from block `layer`. pretrained=False
+    builds the same architecture with random weights (tests; nothing is downloaded); a local file always loads its
+    weights."""
     if name.startswith("timm:"):
-        return _timm_encoder(name, device, pretrained)
+        encoder = _timm_encoder(name, device, pretrained)
+        blocks_up_to(encoder.backbone.blocks, layer)  # checks the range
+        encoder.layer = layer
+        return encoder
     if name in CLIP_VITS and not pretrained:
         image_size, patch_size, width, layers = CLIP_VITS[name]
         visual = VisionTransformer(image_size, patch_size, width, layers, heads=width // 64, output_dim=768)
@@ -83,10 +107,11 @@ def load_image_encoder(name: str, device="cpu", pretrained: bool = True) -> Imag
     else:
         raise ValueError(f"unknown image encoder {name!r}: use one of {list(CLIP_VITS)}, 'timm:<model name>', "
                          "or the path of a CLIP state_dict")
+    blocks_up_to(visual.transformer.resblocks, layer)  # checks the range
     patch_size = visual.conv1.kernel_size[0]
     side = visual.input_resolution // patch_size
     return ImageEncoder(name, visual.to(device), preprocess, (side, side), 1, visual.conv1.out_channels,
-                        visual.input_resolution)
+                        visual.input_resolution, layer)
 
 
 def _timm_encoder(name: str, device, pretrained: bool) -> ImageEncoder:

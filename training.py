@@ -65,7 +65,7 @@ def build_model(config: TrainConfig, paths: dict, device: torch.device) -> Capti
                                        layer_norm_eps=config.model.decoder.layer_norm_eps)
     config.model.decoder = decoder.config
     config.model.encoder = paths["encoder"]
-    encoder = load_image_encoder(paths["encoder"], device)
+    encoder = load_image_encoder(paths["encoder"], device, layer=config.model.encoder_layer)
     return CaptionModel(config.model, encoder, decoder).to(device)
 
 

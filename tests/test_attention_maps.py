@@ -228,7 +228,7 @@ def toy_checkpoint(toy_world_small, tmp_path_factory):
     world = toy_world_small
     decoder = GPTConfig.from_state_dict(torch.load(str(world / "decoder_model.bin"), map_location="cpu"))
     config = CaptionConfig(encoder=str(world / "clip.pt"), decoder=decoder, context_width=64, cross_attn_width=64,
-                           cross_attn_heads=2, peft=["adapter"], adapter_size=8)
+                           cross_attn_heads=2, peft=["adapter"], adapter_size=8, encoder_layer=-3)
     torch.manual_seed(0)
     model = build_caption_model(config, str(world / "decoder_model.bin"))
     path = tmp_path_factory.mktemp("run") / "best.safetensors"

@@ -64,6 +64,39 @@ def test_clip_tokens_match_clips_own_forward_and_metadata(files):
     assert encoder.preprocess(Image.new("L", (50, 40))).shape == (3, 32, 32)
 
 
+def block_output_then_norm(blocks, index, norm, run):
+    """Runs `run()` and returns norm(output of blocks[index]), caught by a forward hook."""
+    caught = []
+    handle = blocks[index].register_forward_hook(lambda module, inputs, output: caught.append(output))
+    with torch.no_grad():
+        run()
+        handle.remove()
+        return norm(caught[0])
+
+
+def test_encoder_layer_takes_the_tokens_of_an_earlier_block(tmp_path):
+    torch.manual_seed(0)
+    three_blocks = CLIP(32, 32, 3, 64, 8, 77, 49408, 64, 1, 1)
+    torch.save(three_blocks.state_dict(), str(tmp_path / "clip.pt"))
+    last = load_image_encoder(str(tmp_path / "clip.pt"))
+    visual = last.backbone
+    for layer, index in [(-2, 1), (0, 0), (2, 2)]:
+        encoder = load_image_encoder(str(tmp_path / "clip.pt"), layer=layer)
+        expected = block_output_then_norm(visual.transformer.resblocks, index, visual.ln_post,
+                                          lambda: visual(IMAGES)).permute(1, 0, 2)  # CLIP's blocks are [L, B, D]
+        assert torch.allclose(encoder(IMAGES), expected, atol=1e-5), layer
+    assert not torch.allclose(load_image_encoder(str(tmp_path / "clip.pt"), layer=-2)(IMAGES), last(IMAGES))
+    with pytest.raises(ValueError, match="encoder layer 3 out of range for 3 blocks"):
+        load_image_encoder(str(tmp_path / "clip.pt"), layer=3)
+
+    with pytest.warns(UserWarning):
+        vit = load_image_encoder("timm:vit_tiny_patch16_224", pretrained=False, layer=-3)
+    images = torch.randn(1, 3, 224, 224)
+    expected = block_output_then_norm(vit.backbone.blocks, 9, vit.backbone.norm,
+                                      lambda: vit.backbone.forward_features(images))
+    assert torch.allclose(vit(images), expected, atol=1e-5)
+
+
 def test_clip_names_load_through_clip_load(monkeypatch):
     """A pretrained OpenAI name goes through `clip.load` (mocked here: no downloads), not a file lookup."""
     built = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 1, 1)

@@ -34,8 +34,10 @@ def mini(tmp_path_factory):
 
 
 def run_args(config, world, out, cache, *overrides):
+    """A toy config on the mini world, whose one-block CLIP has only the last block to take tokens from."""
     return ["--config", str(CONFIGS / config), "--toy-world", str(world), "--out", str(out), "--set",
-            f"cache_dir={cache}", "cider_tokenizer=simple", "batch_size=4", "log_every=1", *overrides]
+            f"cache_dir={cache}", "cider_tokenizer=simple", "batch_size=4", "log_every=1", "model.encoder_layer=-1",
+            *overrides]
 
 
 # ---- configs ------------------------------------------------------------------------------------------------------
