@@ -91,10 +91,7 @@ def load_image_encoder(name: str, device="cpu", pretrained: bool = True, layer: 
     builds the same architecture with random weights (tests; nothing is downloaded); a local file always loads its
     weights."""
     if name.startswith("timm:"):
-        encoder = _timm_encoder(name, device, pretrained)
-        blocks_up_to(encoder.backbone.blocks, layer)  # checks the range
-        encoder.layer = layer
-        return encoder
+        return _timm_encoder(name, device, pretrained, layer)
     if name in CLIP_VITS and not pretrained:
         image_size, patch_size, width, layers = CLIP_VITS[name]
         visual = VisionTransformer(image_size, patch_size, width, layers, heads=width // 64, output_dim=768)
@@ -114,7 +111,7 @@ def load_image_encoder(name: str, device="cpu", pretrained: bool = True, layer: 
                         visual.input_resolution, layer)
 
 
-def _timm_encoder(name: str, device, pretrained: bool) -> ImageEncoder:
+def _timm_encoder(name: str, device, pretrained: bool, layer: int) -> ImageEncoder:
     import timm  # imported here: only timm encoders need it
     from timm.data import create_transform, resolve_data_config
 
@@ -131,5 +128,6 @@ def _timm_encoder(name: str, device, pretrained: bool) -> ImageEncoder:
         data_config["crop_pct"] = 1.0  # CLIP's own preprocessing: resize the short side to the crop size
     preprocess = transforms.Compose([lambda image: image.convert("RGB"), create_transform(**data_config)])
     image_size = data_config["input_size"][-1]
+    blocks_up_to(model.blocks, layer)  # checks the range
     return ImageEncoder(name, model.to(device), preprocess, model.patch_embed.grid_size, model.num_prefix_tokens,
-                        model.num_features, image_size)
+                        model.num_features, image_size, layer)
