@@ -182,8 +182,12 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(mini, tmp_path, monkeypa
     _, straight = read_checkpoint(str(tmp_path / "straight" / "last.safetensors"))
     _, resumed = read_checkpoint(str(out / "last.safetensors"))
     assert set(straight) == set(resumed) and any(k.endswith("lora_B") for k in resumed)
+    # Equal up to float noise (<= 1e-8 seen). The key/value projection's bias is looser: its key half has an
+    # analytically zero gradient (softmax ignores a constant per query), so Adam scales ~1e-10 noise up to ~3e-6
+    # steps. A resume bug would show as ~lr (1e-3).
     for key in straight:
-        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+        atol = 2e-5 if key.endswith("kv_proj.bias") else 1e-6
+        assert torch.allclose(straight[key], resumed[key], atol=atol), (key, (straight[key] - resumed[key]).abs().max())
     summary = json.loads((out / "summary.json").read_text())
     assert [e["step"] for e in summary["epochs"]] == [3, 6] and summary["finished_at"]
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
