@@ -142,7 +142,7 @@ def new_page(title: Optional[str] = None) -> Figure:
     return figure
 
 
-def write(figure: Figure, y: float, text: str, size: float = 9.5, width: int = 112, **style) -> float:
+def write(figure: Figure, y: float, text: str, size: float = 9.5, width: int = 100, **style) -> float:
     """Wrapped text from the top at height y (figure fraction); returns the y below it."""
     lines = [line for paragraph in text.split("\n") for line in (textwrap.wrap(paragraph, width) or [""])]
     figure.text(0.06, y, "\n".join(lines), fontsize=size, va="top", linespacing=1.35, **style)
@@ -159,7 +159,9 @@ def table(figure: Figure, y: float, header: List[str], rows: List[List[str]], he
     cells.auto_set_font_size(False)
     cells.set_fontsize(8)
     for (row, _), cell in cells.get_celld().items():
-        if row == 0 or (bold_row is not None and row == bold_row + 1):
+        if row == 0:
+            cell.set_text_props(weight="bold", fontsize=7)  # long labels stay inside their column
+        elif bold_row is not None and row == bold_row + 1:
             cell.set_text_props(weight="bold")
     return y - height - 0.02
 
