@@ -73,14 +73,16 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 # ---------------------------------------------------------------------------------------------------- tiny CLIP
 @dataclass
 class ClipConfig:
-    image_size: int = 64
-    patch_size: int = 16          # 4 x 4 patches: learnt shape reliably in a sweep where 8 x 8 patches did not
+    image_size: int = 96          # the p2 scenes' size: a 6 x 6 patch grid, fine enough for P3's grounding score
+    patch_size: int = 16          # 16-px patches learnt shape reliably in a sweep where 8-px patches did not
+    low_res_size: int = 64        # progressive resizing: all but the last `full_size_epochs` epochs train on
+    full_size_epochs: int = 3     # 64-px images (4 x 4 patches, 2.1x cheaper), then the position embeddings grow
     vision_width: int = 128       # heads = width // 64, as clip.model.build_model infers
     vision_layers: int = 4
     text_width: int = 128
     text_layers: int = 3
     embed_dim: int = 128
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 128         # scene batches; single-object batches hold each class once (50)
     lr: float = 7e-4
     weight_decay: float = 0.05
@@ -90,9 +92,31 @@ class ClipConfig:
     seed: int = 0
 
 
-def build_tiny_clip(config: ClipConfig) -> CLIP:
-    return CLIP(config.embed_dim, config.image_size, config.vision_layers, config.vision_width, config.patch_size,
-                77, 49408, config.text_width, config.text_width // 64, config.text_layers)
+def build_tiny_clip(config: ClipConfig, image_size: Optional[int] = None) -> CLIP:
+    return CLIP(config.embed_dim, image_size or config.image_size, config.vision_layers, config.vision_width,
+                config.patch_size, 77, 49408, config.text_width, config.text_width // 64, config.text_layers)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> uint8 [N, 3, size, size] (antialiased bicubic), in chunks to bound memory."""
+    if images.shape[-1] == size:
+        return images
+    return torch.cat([F.interpolate(chunk.float(), size=(size, size), mode="bicubic", antialias=True,
+                                    align_corners=False).round().clamp(0, 255).to(torch.uint8)
+                      for chunk in images.split(1000)])
+
+
+def grow_position_embedding(model: CLIP, image_size: int) -> nn.Parameter:
+    """Sets the ViT's input size to `image_size`: the patch position embeddings are interpolated (bicubic) onto
+    the larger grid, the CLS one is kept. Returns the new parameter (optimizers must be told)."""
+    visual = model.visual
+    old = visual.positional_embedding.detach()
+    old_grid, new_grid = int(math.isqrt(len(old) - 1)), image_size // visual.conv1.kernel_size[0]
+    patches = old[1:].t().reshape(1, -1, old_grid, old_grid)
+    patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    visual.positional_embedding = nn.Parameter(torch.cat([old[:1], patches.reshape(-1, new_grid ** 2).t()]))
+    visual.input_resolution = image_size
+    return visual.positional_embedding
 
 
 def encode_text_short(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
@@ -167,6 +191,7 @@ def zero_shot_accuracy(model: CLIP, images: torch.Tensor, labels: torch.Tensor, 
     tokens = tokenize_short([template.format(c) for c in class_names]).to(device)
     text = F.normalize(encode_text_short(model, tokens), dim=-1)
     correct = 0
+    images = resize_images(images, model.visual.input_resolution)
     for start in range(0, len(images), 500):
         image = F.normalize(model.encode_image(normalise_images(images[start:start + 500]).to(device)), dim=-1)
         correct += int(((image @ text.t()).argmax(1).cpu() == labels[start:start + 500]).sum())
@@ -185,7 +210,9 @@ def train_tiny_clip(images: torch.Tensor, captions: List[List[str]], keys: List[
 
     Batches whose items all have attributes add attribute-prompt terms: each image must also pick its shape among
     "a {shape}." and its colour among "a {colour} shape." (image-to-text InfoNCE; these prompts are true captions of
-    the image and no prompt set holds a duplicate). Returns (model in eval mode, history: one record per epoch).
+    the image and no prompt set holds a duplicate). Progressive resizing: the first epochs see the images shrunk to
+    `config.low_res_size`, the last `config.full_size_epochs` see them as given (`config.image_size`).
+    Returns (model in eval mode, history: one record per epoch).
     """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -201,7 +228,8 @@ def train_tiny_clip(images: torch.Tensor, captions: List[List[str]], keys: List[
     attribute_labels = torch.tensor([[colours.index(a[0]), shapes.index(a[1])] if a else [-1, -1]
                                      for a in attributes])
 
-    model = build_tiny_clip(config).float().train()
+    low_res_epochs = max(0, config.epochs - config.full_size_epochs)
+    model = build_tiny_clip(config, config.low_res_size if low_res_epochs else None).float().train()
     with torch.no_grad():
         model.logit_scale.fill_(math.log(config.logit_scale_init))
     seen = torch.unique(torch.cat([all_tokens.flatten(), clip.tokenize(list(extra_prompts) or [""]).flatten()] +
@@ -216,13 +244,21 @@ def train_tiny_clip(images: torch.Tensor, captions: List[List[str]], keys: List[
     total = len(epoch_batches(keys, groups, config.batch_size, random.Random(0))) * config.epochs
     scheduler = cosine_schedule(optimizer, config.warmup_steps, total)
     history, start = [], time.time()
+    epoch_images = resize_images(images, model.visual.input_resolution)
     for epoch in range(config.epochs):
+        if model.visual.input_resolution != config.image_size and epoch == low_res_epochs:
+            old_embedding = model.visual.positional_embedding
+            new_embedding = grow_position_embedding(model, config.image_size)
+            for group in optimizer.param_groups:
+                group["params"] = [new_embedding if p is old_embedding else p for p in group["params"]]
+            optimizer.state.pop(old_embedding, None)  # its Adam moments restart at the new shape
+            epoch_images = images
         losses = []
         for batch in tqdm(epoch_batches(keys, groups, config.batch_size, rng), leave=False,
                           desc=f"tiny CLIP epoch {epoch + 1}/{config.epochs}"):
             tokens = all_tokens[[rng.choice(caption_ids[i]) for i in batch]]
             tokens = tokens[:, : int((tokens != 0).sum(1).max())].to(device)
-            image_features = F.normalize(model.encode_image(normalise_images(images[batch]).to(device)), dim=-1)
+            image_features = F.normalize(model.encode_image(normalise_images(epoch_images[batch]).to(device)), dim=-1)
             text_features = F.normalize(encode_text_short(model, tokens), dim=-1)
             scale = model.logit_scale.exp().clamp(max=100)
             loss = contrastive_loss(image_features, text_features, scale)
@@ -237,8 +273,8 @@ def train_tiny_clip(images: torch.Tensor, captions: List[List[str]], keys: List[
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-        record = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4),
-                  "seconds": round(time.time() - start, 1)}
+        record = {"epoch": epoch + 1, "image_size": model.visual.input_resolution,
+                  "loss": round(float(np.mean(losses)), 4), "seconds": round(time.time() - start, 1)}
         record.update(evaluate(model) if evaluate else {})
         history.append(record)
         print("tiny CLIP " + " ".join(f"{k}={v}" for k, v in record.items()), flush=True)

@@ -31,7 +31,7 @@ from toy_scenes import (CLASSES, COLOURS, HELD_OUT, SHAPES, Obj, captions_for, d
                         sample_scene,
                         single_object_image)
 
-GENERATOR_VERSION = "toyworld-v1"
+GENERATOR_VERSION = "toyworld-v2"
 
 
 @dataclass
@@ -42,9 +42,9 @@ class WorldConfig:
     p2_train: int = 5000
     p2_val: int = 500
     p1_size: int = 64             # p1 images are small square PNGs (the course's are 32 px)
-    p2_size: int = 96             # p2 scenes are JPEGs larger than the CLIP input (64 px), some not square
+    p2_size: int = 96             # p2 scenes are JPEGs at the CLIP input size (96 px) or larger, some not square
     clip_images_per_class: int = 192  # single-object images in the tiny CLIP's training set
-    clip_epochs: int = 8
+    clip_epochs: int = 10         # the last 3 at 96 px, the others at 64 px (ClipConfig: progressive resizing)
     lm_epochs: int = 2
 
     @classmethod
@@ -201,10 +201,14 @@ def clip_training_set(out_dir: Path, config: WorldConfig, boxes: dict):
 
 
 def p1_val_tensors(out_dir: Path):
+    """p1 val images resized to the CLIP input size (bicubic, as clip_models.clip_transform) and their labels."""
     import torch
+    from toy_models import ClipConfig
+    size = ClipConfig().image_size
     folder = out_dir / "hw3_data" / "p1_data" / "val"
     names = sorted(os.listdir(folder))
-    images = np.stack([np.asarray(Image.open(folder / name).convert("RGB")) for name in names])
+    images = np.stack([np.asarray(Image.open(folder / name).convert("RGB").resize((size, size), Image.BICUBIC))
+                       for name in names])
     labels = [int(name.split("_")[0]) for name in names]
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
 

@@ -209,6 +209,43 @@ def test_short_text_encoding_equals_clips_own():
     assert torch.allclose(full, short, atol=1e-5)
 
 
+def test_grow_position_embedding_interpolates_the_patches_and_keeps_cls():
+    model = toy_models.build_tiny_clip(toy_models.ClipConfig(vision_layers=1, text_layers=1), image_size=64)
+    with torch.no_grad():
+        model.visual.positional_embedding[1:] = torch.arange(4.0).repeat(4)[:, None]  # each patch's column
+        model.visual.positional_embedding[0] = -7.0
+    toy_models.grow_position_embedding(model, 96)
+    embedding = model.visual.positional_embedding.detach()
+    assert embedding.shape == (37, 128) and model.visual.input_resolution == 96 and bool((embedding[0] == -7).all())
+    columns = embedding[1:, 0].reshape(6, 6)
+    assert torch.allclose(columns, columns[:1].expand(6, 6))  # still constant down each column
+    assert bool((columns[0, 1:] > columns[0, :-1]).all())  # and increasing left to right
+    assert model.encode_image(torch.zeros(1, 3, 96, 96)).shape == (1, 128)
+
+
+def test_progressive_resizing_trains_small_first_and_saves_the_full_size_model():
+    torch.manual_seed(0)
+    images = (torch.rand(24, 3, 96, 96) * 255).to(torch.uint8)
+    captions = [[f"a red circle number {i}."] for i in range(24)]
+    config = toy_models.ClipConfig(epochs=3, full_size_epochs=1, batch_size=8, warmup_steps=2, vision_layers=1,
+                                   text_layers=1)
+    embeddings = []  # the position embedding after each epoch
+
+    def evaluate(model):
+        embeddings.append(model.visual.positional_embedding.detach().clone())
+        return {}
+    model, history = toy_models.train_tiny_clip(images, captions, list(range(24)), [0] * 24, config,
+                                                [("red", "circle")] * 24, evaluate)
+    assert [record["image_size"] for record in history] == [64, 64, 96]
+    assert [len(embedding) for embedding in embeddings] == [17, 17, 37]
+    assert toy_models.clip_state_dict(model)["visual.positional_embedding"].shape == (37, 128)
+    grown = toy_models.build_tiny_clip(config, image_size=64)
+    with torch.no_grad():
+        grown.visual.positional_embedding.copy_(embeddings[1])
+    toy_models.grow_position_embedding(grown, 96)
+    assert not torch.allclose(grown.visual.positional_embedding, embeddings[2])  # the grown one kept training
+
+
 def test_clip_checkpoint_loads_as_openai_clip(toy_world_small):
     from clip_models import load_clip
     state_dict = torch.load(toy_world_small / "clip.pt", map_location="cpu")
@@ -216,7 +253,7 @@ def test_clip_checkpoint_loads_as_openai_clip(toy_world_small):
     assert state_dict["token_embedding.weight"].shape[0] == 49408 and state_dict["positional_embedding"].shape[0] == 77
     model, preprocess = load_clip(str(toy_world_small / "clip.pt"))
     image = Image.open(next((toy_world_small / "hw3_data" / "p1_data" / "val").iterdir()))
-    assert model.visual.input_resolution == 64 and preprocess(image).shape == (3, 64, 64)
+    assert model.visual.input_resolution == 96 and preprocess(image).shape == (3, 96, 96)
     with torch.no_grad():
         assert model.encode_image(preprocess(image)[None]).shape == (1, 128)
 
