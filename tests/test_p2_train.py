@@ -1,6 +1,7 @@
 """p2_train.py + training.py + run_files.py: configs and overrides, the loss, run folders, checkpoints holding only
 trainable tensors, Ctrl-C + resume equal to an uninterrupted run, torchrun/DDP on CPU (slow), the real recipes'
-parameter budget at real size, and the three toy configs against the best image-blind baseline (slow)."""
+parameter budget at real size, and the three toy configs against the best image-blind baseline and the 2x grounding
+bar (slow)."""
 import json
 import math
 import re
@@ -252,7 +253,8 @@ def toy_baseline(toy_world):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_toy_config_beats_the_image_blind_baseline(method, toy_world, toy_baseline, tmp_path_factory):
-    """The README's demo run: each toy config through the CLI, as shared_contract.md says."""
+    """The README's demo run: each toy config through the CLI, as shared_contract.md says, then P3's grounding
+    score of its checkpoint (one cross-attention layer in the toy configs)."""
     out = tmp_path_factory.mktemp(f"toy_{method}")
     cache = tmp_path_factory.getbasetemp() / "toy_feature_cache"  # shared: the first run computes it
     started = time.time()
@@ -267,5 +269,12 @@ def test_toy_config_beats_the_image_blind_baseline(method, toy_world, toy_baseli
           f"CLIPScore {toy_baseline['CLIPScore']:.3f}; curve {[(e['CIDEr'], e['train_loss']) for e in summary['epochs']]}")
     assert best["CIDEr"] >= 2 * toy_baseline["CIDEr"]
     assert best["CLIPScore"] > toy_baseline["CLIPScore"]
+    grounding = subprocess.run([sys.executable, str(ROOT / "p3_attention.py"), "grounding", str(toy_world),
+                                "--checkpoint", str(out / "best.safetensors"), "--out-dir", str(out / "grounding")],
+                               cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert grounding.returncode == 0, grounding.stderr[-3000:]
+    ratio = json.loads((out / "grounding" / "grounding.json").read_text())["table"][0]["ratio"]
+    print(f"toy {method}: P3 grounding {ratio:.2f}x the box-area baseline")
+    assert ratio >= 2.0  # issue 8: the default layer's attention mass in the named object's box, vs uniform
     assert summary["checkpoint_params"] == parameter_comment(CONFIGS / f"toy_{method}.yaml")[1]
     assert math.isclose(summary["best"]["CIDEr"], max(e["CIDEr"] for e in summary["epochs"]))
