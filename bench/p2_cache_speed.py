@@ -1,4 +1,4 @@
-"""Training-step time at the real sizes, with and without the frozen-feature cache (p2_train.py --cache-features).
+"""Training-step time at the real sizes, with and without the frozen-feature cache (config key `cache_features`).
 
     python3 bench/p2_cache_speed.py [--config configs/adapter.yaml] [--device cuda] [--batch-size 8] [--steps 3]
 
