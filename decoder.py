@@ -49,8 +49,8 @@ class GPTConfig:
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's GELU (tanh approximation); torch 1.12's F.gelu has no approximate='tanh'."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    """GPT-2's GELU, the tanh approximation (torch >= 1.12 has it built in)."""
+    return F.gelu(x, approximate="tanh")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor] = None,

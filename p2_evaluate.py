@@ -12,9 +12,10 @@ import argparse
 import csv
 import json
 import os
-import sys
 
-import metrics
+from hw3.common.errors import UserError, run_cli
+from hw3.common.files import write_atomically, write_text_atomically
+from hw3.p2 import metrics
 
 
 def parse_args(argv=None):
@@ -36,12 +37,12 @@ def parse_args(argv=None):
 
 def read_predictions(path: str) -> dict:
     if not os.path.isfile(path):
-        raise ValueError(f"prediction file not found: {path}")
+        raise UserError(f"prediction file not found: {path}")
     with open(path) as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
+            raise UserError(f"{path} is not valid JSON: {error}") from error
 
 
 def ranked_by_clip_score(per_image: dict) -> list:
@@ -49,12 +50,13 @@ def ranked_by_clip_score(per_image: dict) -> list:
 
 
 def write_per_image_csv(path: str, per_image: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "caption", "cider", "clip_score"])
-        for _, row in ranked_by_clip_score(per_image):
-            writer.writerow([row["file_name"], row["caption"], row["CIDEr"], row["CLIPScore"]])
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file_name", "caption", "cider", "clip_score"])
+            for _, row in ranked_by_clip_score(per_image):
+                writer.writerow([row["file_name"], row["caption"], row["CIDEr"], row["CLIPScore"]])
+    write_atomically(path, write)
 
 
 def summary(result: dict, args) -> dict:
@@ -83,17 +85,14 @@ def print_summary(info: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    try:
-        predictions = read_predictions(args.pred_file)
-        if not os.path.isfile(args.annotation_file):
-            raise ValueError(f"annotation file not found: {args.annotation_file}")
-        if not os.path.isdir(args.images_root):
-            raise ValueError(f"image folder not found: {args.images_root}")
-        result = metrics.score_captions(predictions, args.annotation_file, args.images_root,
-                                        clip_model=args.clip_model, device=args.device, tokenizer=args.tokenizer,
-                                        extra_metrics=args.all_metrics, num_workers=args.num_workers)
-    except (ValueError, FileNotFoundError, ImportError, metrics.ScoringError) as error:
-        sys.exit(f"p2_evaluate.py: error: {error}")
+    predictions = read_predictions(args.pred_file)
+    if not os.path.isfile(args.annotation_file):
+        raise UserError(f"annotation file not found: {args.annotation_file}")
+    if not os.path.isdir(args.images_root):
+        raise UserError(f"image folder not found: {args.images_root}")
+    result = metrics.score_captions(predictions, args.annotation_file, args.images_root,
+                                    clip_model=args.clip_model, device=args.device, tokenizer=args.tokenizer,
+                                    extra_metrics=args.all_metrics, num_workers=args.num_workers)
 
     info = summary(result, args)
     print_summary(info)
@@ -101,13 +100,11 @@ def main(argv=None) -> dict:
         write_per_image_csv(args.per_image_csv, result["per_image"])
         print(f"per-image scores (best CLIPScore first): {args.per_image_csv}")
     if args.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(info, f, indent=2)
+        write_text_atomically(args.json_out, json.dumps(info, indent=2))
         print(f"summary: {args.json_out}")
     print(f"CIDEr: {result['CIDEr']} | CLIPScore: {result['CLIPScore']}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "p2_evaluate.py")

@@ -20,7 +20,7 @@ from clip.model import CLIP
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import metrics  # noqa: E402
+from hw3.p2 import metrics  # noqa: E402
 
 WORDS = "a man woman dog cat red blue on the with riding sitting street table two of in next to".split()
 

@@ -3,7 +3,7 @@
     python3 bench/p2_cache_speed.py [--config configs/adapter.yaml] [--device cuda] [--batch-size 8] [--steps 3]
 
 The recipe's model (ViT-L/14 + GPT-2 small + its cross-attention and PEFT) with random weights, random images and
-20-token captions. One optimizer step two ways, through training.caption_loss as p2_train.py runs it:
+20-token captions. One optimizer step two ways, through hw3.p2.training.caption_loss as p2_train.py runs it:
     images   the frozen encoder runs on the images every step (no cache)
     cached   the encoder's tokens are given (what the memmap cache serves), only the decoder runs
 Prints seconds per step and the ratio, i.e. how much faster an epoch is with the cache (image loading left out).
@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from caption_data import CaptionBatch  # noqa: E402
-from captioner import build_caption_model  # noqa: E402
-from p2_train import load_config  # noqa: E402
+from hw3.p2.config import load_config  # noqa: E402
+from hw3.p2.data import CaptionBatch  # noqa: E402
+from hw3.p2.model import build_caption_model  # noqa: E402
+from hw3.p2.training import LossSettings, caption_loss  # noqa: E402
 from tokenizer import make_caption_batch  # noqa: E402
-from training import caption_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def seconds_per_step(model, batch, encode: bool, device, config, steps: int) -> 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = caption_loss(model, model, batch, encode, device, config, None)
+        loss = caption_loss(model, batch, LossSettings(encode, config.amp, config.label_smoothing), device)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from captioner import CaptionConfig, build_caption_model, count_trainable  # noqa: E402
-from generation import DecodeConfig, generate  # noqa: E402
+from hw3.p2.generation import DecodeConfig, generate  # noqa: E402
+from hw3.p2.model import CaptionConfig, build_caption_model, count_trainable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_IMAGES = 1404  # the private test set of hw3_2.sh

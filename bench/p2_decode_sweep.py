@@ -1,5 +1,5 @@
 """Caption quality per decoding setting: a trained checkpoint on a labelled image folder, images encoded once, then
-CIDEr / CLIPScore (metrics.py, the course's numbers) and images/s for every beam size x length penalty x no-repeat
+CIDEr / CLIPScore (hw3/p2/metrics.py, the course's numbers) and images/s for every beam size x length penalty x no-repeat
 n-gram size asked for. For choosing p2_inference.py's defaults on the val set.
 
     python3 bench/p2_decode_sweep.py --checkpoint CK --decoder-bin decoder_model.bin \\
@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generation import DecodeConfig, caption_images  # noqa: E402
-from metrics import ClipScorer, score_captions  # noqa: E402
-from p2_inference import encoded_batches, list_images, load_model  # noqa: E402
+from hw3.common.files import image_key, write_text_atomically  # noqa: E402
+from hw3.common.images import CAPTION_IMAGE_SUFFIXES, list_image_files  # noqa: E402
+from hw3.p2.checkpoint import load_captioner  # noqa: E402
+from hw3.p2.generation import DecodeConfig, caption_images  # noqa: E402
+from hw3.p2.inference import encoded_batches  # noqa: E402
+from hw3.p2.metrics import ClipScorer, score_captions  # noqa: E402
 from tokenizer import BPETokenizer  # noqa: E402
 
 
@@ -34,17 +37,17 @@ def main():
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--length-penalties", type=float, nargs="+", default=[1.0])
     parser.add_argument("--no-repeat", type=int, nargs="+", default=[0])
-    parser.add_argument("--max-length", type=int, default=30)
+    parser.add_argument("--max-length", type=int, default=DecodeConfig().max_length)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
 
-    model = load_model(args.checkpoint, args.decoder_bin, args.device, args.encoder)
+    model = load_captioner(args.checkpoint, args.decoder_bin, args.device, args.encoder)
+    paths = list_image_files(args.images, CAPTION_IMAGE_SUFFIXES)
     batches = [(names, tokens) for names, tokens, _ in
-               encoded_batches(model, list_images(args.images), args.batch_size, args.workers, args.device, "encoding")
-               if names]
+               encoded_batches(model, paths, args.batch_size, args.workers, args.device, "encoding") if names]
     scorer = ClipScorer.load(args.clip_model, args.device)
     tokenizer = BPETokenizer()
     rows = []
@@ -54,7 +57,7 @@ def main():
         start = time.perf_counter()
         predictions = {}
         for names, tokens in batches:
-            predictions.update((Path(name).stem, caption)
+            predictions.update((image_key(name), caption)
                                for name, caption in zip(names, caption_images(model, tokens, config, tokenizer)))
         seconds = time.perf_counter() - start
         scores = score_captions(predictions, args.annotations, args.images, clip_model=scorer, progress=False)
@@ -70,9 +73,8 @@ def main():
         print(f"{row['beam_size']:>4} {row['length_penalty']:>7} {row['no_repeat_ngram_size']:>6} {row['CIDEr']:>7.4f} "
               f"{row['CLIPScore']:>9.4f} {row['mean_words']:>5.1f} {row['images_per_s']:>8.1f}")
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(dict(checkpoint=args.checkpoint, images=args.images,
-                                                       device=args.device, rows=rows), indent=1))
+        write_text_atomically(args.json_out, json.dumps(dict(checkpoint=args.checkpoint, images=args.images,
+                                                             device=args.device, rows=rows), indent=1))
         print(f"wrote {args.json_out}")
 
 

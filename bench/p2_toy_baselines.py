@@ -17,13 +17,16 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from caption_data import read_split  # noqa: E402
 from decoder import Decoder  # noqa: E402
-from metrics import (ClipScorer, cider_d_tokenized, load_references, ptb_tokenize, score_captions,  # noqa: E402
-                     tokenize_for_scoring)
+from hw3.common.errors import UserError  # noqa: E402
+from hw3.common.files import write_text_atomically  # noqa: E402
+from hw3.p2.config import DataPaths  # noqa: E402
+from hw3.p2.data import read_split  # noqa: E402
+from hw3.p2.metrics import (ClipScorer, cider_d_tokenized, load_references, ptb_tokenize,  # noqa: E402
+                            read_image_like_course, score_captions, tokenize_for_scoring)
+from hw3.toy.world import ToyWorld  # noqa: E402
 from tokenizer import EOT_ID, BPETokenizer  # noqa: E402
 
 
@@ -58,8 +61,7 @@ def clipscore_of_fixed_captions(candidates: List[str], scorer: ClipScorer, image
     for start in range(0, len(image_paths), batch_size):
         images = []
         for path in image_paths[start:start + batch_size]:
-            with Image.open(path) as image:
-                images.append(scorer.preprocess(image))
+            images.append(scorer.preprocess(read_image_like_course(path)))
         features.append(model.encode_image(torch.stack(images).to(device)).float())
     images = F.normalize(torch.cat(features), dim=-1)
     texts = F.normalize(torch.cat([model.encode_text(scorer.tokenize(c)[0].to(device)).float()
@@ -68,13 +70,13 @@ def clipscore_of_fixed_captions(candidates: List[str], scorer: ClipScorer, image
 
 
 def best_fixed_caption(toy_world: str, top: int = 20, device: str = "cpu") -> Dict:
-    data = os.path.join(toy_world, "hw3_data", "p2_data")
-    train = read_split(os.path.join(data, "train.json"), os.path.join(data, "images", "train"))
-    val_json, val_images = os.path.join(data, "val.json"), os.path.join(data, "images", "val")
+    paths = DataPaths.of_toy_world(ToyWorld(toy_world))
+    train = read_split(paths.train_json, paths.train_images)
+    val_json, val_images = paths.val_json, paths.val_images
     val = read_split(val_json, val_images)
     frequent = [caption for caption, _ in Counter(c for caps in train.captions for c in caps).most_common(top)]
-    candidates = list(dict.fromkeys(frequent + [lm_greedy_caption(os.path.join(toy_world, "decoder_model.bin"))]))
-    scorer = ClipScorer.load(os.path.join(toy_world, "clip.pt"), device)
+    candidates = list(dict.fromkeys(frequent + [lm_greedy_caption(paths.decoder)]))
+    scorer = ClipScorer.load(paths.clip_model, device)
     ciders = cider_of_fixed_captions(candidates, val_json)
     with torch.no_grad():
         clipscores = clipscore_of_fixed_captions(candidates, scorer, val.paths)
@@ -97,14 +99,15 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=20, help="how many of the most frequent training captions to try")
     parser.add_argument("--json-out", help="also write the result here")
     args = parser.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.toy_world, "toyworld.json")):
-        parser.error(f"{args.toy_world} is not a toy world (no toyworld.json)")
+    try:
+        ToyWorld(args.toy_world).check()
+    except UserError as error:
+        parser.error(str(error))
     result = best_fixed_caption(args.toy_world, args.top)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+        write_text_atomically(args.json_out, text + "\n")
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 0
 

@@ -1,7 +1,7 @@
 """A miniature toy world for fast p2 training tests: a few coloured-square JPEGs with captions in the course layout,
 a tiny random CLIP (32 px, patch 8: 4x4 grid + CLS, width 64) and a tiny random GPT-2 (2 layers, width 64, the real
-50257-token vocabulary) in the course's decoder_model.bin format. Same file layout as toyworld.py, so
-`p2_train.py --toy-world DIR` takes it. Imported by tests/test_caption_data.py and tests/test_p2_train.py.
+50257-token vocabulary) in the course's decoder_model.bin format. Same file layout as the toy world
+(hw3/toy/world.py), so `p2_train.py --toy-world DIR` takes it. Imported by tests/test_caption_data.py and tests/test_p2_train.py.
 """
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Shared fixtures: the toy world (toyworld.py), built once per generator version into a cache outside the repo.
+"""Shared fixtures: the toy world (hw3/toy/world.py), built once per generator version into a cache outside the repo.
 
 The cache is `$HW3_CACHE` or `~/.cache/dlcv-hw3/`. `build_toy_world` returns at once when the world there is current
 and serialises concurrent builds (file lock, build in a staging folder, atomic rename), so parallel pytest runs share
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from toyworld import build_toy_world  # noqa: E402  (needs ROOT on sys.path)
+from hw3.toy.world import build_toy_world  # noqa: E402  (needs ROOT on sys.path)
 
 
 def toy_world_cache() -> Path:

@@ -36,7 +36,7 @@ def tiny_clip_model(seed: int = 0) -> CLIP:
 
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory):
-    """A random CLIP state_dict in OpenAI's layout (what clip_models.load_clip reads). A shared final LayerNorm bias
+    """A random CLIP state_dict in OpenAI's layout (what hw3.common.clip_models.load_clip reads). A shared final LayerNorm bias
     and projection give image and text embeddings a common direction, so cosines are positive and differ
     (about 0.4 to 0.5) instead of clamping to 0."""
     state_dict = tiny_clip_model().state_dict()

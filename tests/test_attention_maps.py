@@ -1,11 +1,14 @@
-"""attention_maps.py + grounding.py + p3_attention.py: the attention read back equals what decoding used, the grid
-lands on the part of the image the encoder saw, words and panels follow the course's layout, grounding shares are
-exact on constructed maps, and the CLI / notebook produce figures on the toy world."""
+"""hw3/p3 (attention, grounding, commands) + p3_attention.py: the attention read back equals what decoding used, the
+grid lands on the part of the image the encoder saw, words and panels follow the course's layout, grounding shares
+are exact on constructed maps, and the CLI / notebook produce figures on the toy world."""
+import ast
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +18,15 @@ from clip.model import CLIP
 from PIL import Image
 from torchvision import transforms
 
-import attention_maps as am
-import grounding
-from captioner import CaptionConfig, build_caption_model, save_trainable
-from clip_models import clip_transform
 from decoder import Decoder, GPTConfig, course_state_dict
-from generation import DecodeConfig, generate
+from hw3.common.clip_models import clip_transform
+from hw3.common.errors import EXIT_USER_ERROR, run_cli
+from hw3.p2.checkpoint import save_trainable
+from hw3.p2.generation import DecodeConfig, generate
+from hw3.p2.model import CaptionConfig, build_caption_model
+from hw3.p3 import attention as am
+from hw3.p3 import grounding
+from hw3.toy.world import ToyWorld
 from tokenizer import EOT_ID, BPETokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,36 +231,44 @@ def test_grounding_scores_named_objects_and_counts_absent_ones():
 @pytest.fixture(scope="module")
 def toy_checkpoint(toy_world_small, tmp_path_factory):
     """A fresh captioner on the small toy world's CLIP and LM, saved like p2_train.py saves one."""
-    world = toy_world_small
-    decoder = GPTConfig.from_state_dict(torch.load(str(world / "decoder_model.bin"), map_location="cpu"))
-    config = CaptionConfig(encoder=str(world / "clip.pt"), decoder=decoder, context_width=64, cross_attn_width=64,
+    world = ToyWorld(toy_world_small)
+    decoder = GPTConfig.from_state_dict(torch.load(str(world.decoder), map_location="cpu"))
+    config = CaptionConfig(encoder=str(world.clip), decoder=decoder, context_width=64, cross_attn_width=64,
                            cross_attn_heads=2, peft=["adapter"], adapter_size=8, encoder_layer=-3)
     torch.manual_seed(0)
-    model = build_caption_model(config, str(world / "decoder_model.bin"))
+    model = build_caption_model(config, str(world.decoder))
     path = tmp_path_factory.mktemp("run") / "best.safetensors"
     save_trainable(model, str(path))
     return path
 
 
 def model_options(world, checkpoint):
-    return ["--checkpoint", str(checkpoint), "--decoder", str(world / "decoder_model.bin"), "--max-length", "8",
+    return ["--checkpoint", str(checkpoint), "--decoder", str(world.decoder), "--max-length", "8",
             "--beam-size", "1"]
+
+
+def p3_attention(*argv) -> int:
+    """p3_attention.py as the shell runs it (errors through run_cli); returns its exit status."""
+    import p3_attention as cli
+    with pytest.raises(SystemExit) as done:
+        run_cli(lambda: cli.main(list(argv)), "p3_attention.py")
+    return done.value.code
 
 
 def test_cli_draws_every_image_and_the_top_and_last_of_a_scores_csv(toy_world_small, toy_checkpoint, tmp_path,
                                                                    capsys):
-    import p3_attention
-    world = toy_world_small
-    p3_images = world / "hw3_data" / "p3_data" / "images"
-    p3_attention.main([str(p3_images), *model_options(world, toy_checkpoint), "--out-dir", str(tmp_path / "p3")])
+    world = ToyWorld(toy_world_small)
+    assert p3_attention(str(world.p3_images), *model_options(world, toy_checkpoint),
+                        "--out-dir", str(tmp_path / "p3")) == 0
     info = json.loads((tmp_path / "p3" / "attention.json").read_text())
     assert sorted(r["name"] for r in info["images"]) == ["bike", "girl", "sheep", "ski", "umbrella"]
     assert info["layer"] == 1 and "last cross-attention layer" in info["layer_reason"] and info["head"] is None
+    assert info["decode"] == asdict(DecodeConfig(beam_size=1, max_length=8))
     for record in info["images"]:
         assert Path(record["figure"]).stat().st_size > 10_000 and record["caption"]
     assert f"wrote {tmp_path / 'p3' / 'attention.json'}" in capsys.readouterr().out
 
-    val = world / "hw3_data" / "p2_data" / "images" / "val"
+    val = world.p2_data / "images" / "val"
     names = sorted(os.listdir(val))[:4]
     scores_csv = tmp_path / "scores.csv"
     with open(scores_csv, "w", newline="") as f:
@@ -262,59 +276,108 @@ def test_cli_draws_every_image_and_the_top_and_last_of_a_scores_csv(toy_world_sm
         writer.writerow(["file_name", "caption", "cider", "clip_score"])
         for name, score in zip(names, [0.61, 0.93, 0.12, 0.5]):
             writer.writerow([name, "a caption", 0.5, score])
-    p3_attention.main([str(val), "--top-last", str(scores_csv), *model_options(world, toy_checkpoint),
-                       "--layer", "0", "--head", "1", "--out-dir", str(tmp_path / "top_last")])
+    assert p3_attention(str(val), "--top-last", str(scores_csv), *model_options(world, toy_checkpoint),
+                        "--layer", "0", "--head", "1", "--out-dir", str(tmp_path / "top_last")) == 0
     info = json.loads((tmp_path / "top_last" / "attention.json").read_text())
     assert [(r["rank"], r["name"] + ".jpg", r["clip_score"]) for r in info["images"]] == [
         ("top1", names[1], 0.93), ("last1", names[2], 0.12)]
     assert info["layer"] == 0 and info["head"] == 1
     assert (tmp_path / "top_last" / f"top1_{Path(names[1]).stem}.png").is_file()
+    capsys.readouterr()
 
     with open(scores_csv, "w") as f:
         f.write("file_name,CLIPScore\n" + names[0] + ",0.5\n")
-    with pytest.raises(SystemExit):
-        p3_attention.main([str(val), "--top-last", str(scores_csv), *model_options(world, toy_checkpoint)])
-    assert "lacks columns ['caption', 'cider', 'clip_score']" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        p3_attention.main([str(val), *model_options(world, toy_checkpoint), "--layer", "5"])
+    assert p3_attention(str(val), "--top-last", str(scores_csv), *model_options(world, toy_checkpoint)) \
+        == EXIT_USER_ERROR
+    error = capsys.readouterr().err
+    assert error.startswith("p3_attention.py: error: ") and "Traceback" not in error
+    assert "lacks columns ['caption', 'cider', 'clip_score']" in error
+    assert p3_attention(str(val), *model_options(world, toy_checkpoint), "--layer", "5") == EXIT_USER_ERROR
     assert "one of the cross-attention layers [0, 1]" in capsys.readouterr().err
+    assert p3_attention(str(tmp_path), *model_options(world, toy_checkpoint)) == EXIT_USER_ERROR
+    assert f"no .jpg/.png images in {tmp_path}" in capsys.readouterr().err
 
 
 def test_grounding_cli_writes_a_per_layer_table_and_auto_layer_uses_it(toy_world_small, toy_checkpoint, tmp_path):
-    import p3_attention
-    world = toy_world_small
+    world = ToyWorld(toy_world_small)
     out = tmp_path / "grounding"
-    p3_attention.main(["grounding", str(world), "--checkpoint", str(toy_checkpoint), "--split", "p3",
-                       "--max-length", "12", "--beam-size", "1", "--out-dir", str(out)])
+    assert p3_attention("grounding", str(world.root), "--checkpoint", str(toy_checkpoint), "--split", "p3",
+                        "--max-length", "12", "--beam-size", "1", "--out-dir", str(out)) == 0
     info = json.loads((out / "grounding.json").read_text())
     with open(out / "grounding.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(row["layer"]) for row in rows] == [0, 1] and info["images"] == 5
     assert info["words_scored"] > 0 and info["best_layer"] in (0, 1)
+    assert info["world_hash"] == world.manifest()["hash"] and info["checkpoint"] == str(toy_checkpoint)
     for row, json_row in zip(rows, info["table"]):
         assert float(row["mean_share"]) == pytest.approx(json_row["mean_share"])
         assert 0 < json_row["mean_baseline"] < 1 and json_row["ratio"] == pytest.approx(
             json_row["mean_share"] / json_row["mean_baseline"])
-    p3_attention.main([str(world / "hw3_data" / "p3_data" / "images"), *model_options(world, toy_checkpoint),
-                       "--grounding", str(out / "grounding.json"), "--out-dir", str(tmp_path / "p3")])
+    assert p3_attention(str(world.p3_images), *model_options(world, toy_checkpoint),
+                        "--grounding", str(out / "grounding.json"), "--out-dir", str(tmp_path / "p3")) == 0
     figures = json.loads((tmp_path / "p3" / "attention.json").read_text())
     assert figures["layer"] == info["best_layer"] and "best grounding layer" in figures["layer_reason"]
 
 
-def test_cli_help_runs_headless():
-    for args in ([], ["grounding"]):
-        done = subprocess.run([sys.executable, str(ROOT / "p3_attention.py"), *args, "--help"], capture_output=True,
-                              text=True, cwd=ROOT, env={**os.environ, "MPLBACKEND": "Agg", "DISPLAY": ""})
-        assert done.returncode == 0 and "--checkpoint" in done.stdout
+def test_grounding_cli_rejects_a_folder_that_is_no_toy_world(tmp_path, capsys):
+    assert p3_attention("grounding", str(tmp_path), "--checkpoint", str(tmp_path / "none.safetensors")) \
+        == EXIT_USER_ERROR
+    assert "is not a built toy world" in capsys.readouterr().err
+
+
+def test_cli_help_runs_headless_even_with_a_malformed_manifest(tmp_path):
+    broken = tmp_path / "repo"  # the CLI and hw3/ beside a malformed checkpoints.json
+    shutil.copytree(ROOT / "hw3", broken / "hw3", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "p3_attention.py", broken)
+    (broken / "checkpoints.json").write_text("{not json")
+    for root, manifest_ok in ((ROOT, True), (broken, False)):
+        for args in ([], ["grounding"]):
+            done = subprocess.run([sys.executable, str(root / "p3_attention.py"), *args, "--help"],
+                                  capture_output=True, text=True, cwd=root,
+                                  env={**os.environ, "MPLBACKEND": "Agg", "DISPLAY": "", "PYTHONPATH": str(ROOT)})
+            assert done.returncode == 0 and "--checkpoint" in done.stdout, done.stderr
+            assert ("no default: cannot read manifest" in " ".join(done.stdout.split())) != manifest_ok
+            # the decode defaults are DecodeConfig's
+            assert f"(1 = greedy) (default: {DecodeConfig().beam_size})" in " ".join(done.stdout.split())
+
+
+def notebook_code():
+    import nbformat
+    notebook = nbformat.read(str(ROOT / "p3_visualize.ipynb"), as_version=4)
+    nbformat.validate(notebook)
+    return [cell.source for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def test_notebook_imports_the_library_and_takes_decode_settings_from_decode_config(monkeypatch):
+    """The notebook imports no top-level script (only the course's decoder.py / tokenizer.py); its parameter cell
+    decodes with DecodeConfig's defaults, P3_BEAM_SIZE overriding the beam size only when set."""
+    code = notebook_code()
+    scripts = {path.stem for path in ROOT.glob("*.py")} - {"decoder", "tokenizer"}
+    imported = set()
+    for source in code:
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module.split(".")[0])
+    assert "hw3" in imported and not imported & scripts
+    monkeypatch.setenv("P3_CHECKPOINT", "best.safetensors")
+    monkeypatch.delenv("P3_BEAM_SIZE", raising=False)
+    parameters = {}
+    exec(code[0], parameters)
+    assert parameters["DECODE"] == DecodeConfig()
+    monkeypatch.setenv("P3_BEAM_SIZE", "2")
+    exec(code[0], parameters)
+    assert parameters["DECODE"] == DecodeConfig(beam_size=2)
 
 
 @pytest.mark.slow
 def test_notebook_runs_headless_and_draws_figures(toy_world_small, toy_checkpoint, tmp_path, monkeypatch):
     import nbclient
     import nbformat
-    world = toy_world_small
-    settings = {"P3_CHECKPOINT": str(toy_checkpoint), "P3_DECODER": str(world / "decoder_model.bin"),
-                "P3_IMAGES": str(world / "hw3_data" / "p3_data" / "images"), "P3_OUT_DIR": str(tmp_path / "nb"),
+    world = ToyWorld(toy_world_small)
+    settings = {"P3_CHECKPOINT": str(toy_checkpoint), "P3_DECODER": str(world.decoder),
+                "P3_IMAGES": str(world.p3_images), "P3_OUT_DIR": str(tmp_path / "nb"),
                 "P3_LAYER": "0", "P3_BEAM_SIZE": "2"}
     for key, value in settings.items():
         monkeypatch.setenv(key, value)

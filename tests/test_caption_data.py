@@ -1,14 +1,17 @@
-"""caption_data.py: annotations, tokenised batches with the GRADER.md shift, datasets, the frozen-feature cache."""
+"""hw3/p2/data.py: annotations, tokenised batches with the course's input/target shift, datasets, the frozen-feature
+cache."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from caption_data import (CaptionDataset, FeatureCache, ImageFiles, caption_vocabulary, collate_captions,
-                          feature_cache, image_batches, image_transform, read_split, tokenize_captions)
 from caption_fixtures import make_mini_world
-from image_encoder import load_image_encoder
+from hw3.common.errors import UserError
+from hw3.common.images import ImageFiles
+from hw3.p2.data import (CaptionDataset, FeatureCache, caption_vocabulary, collate_captions, feature_cache,
+                         image_batches, image_transform, read_split, tokenize_captions)
+from hw3.p2.encoder import load_image_encoder
 from tokenizer import EOT_ID, IGNORE_INDEX, BPETokenizer
 
 
@@ -45,12 +48,12 @@ def test_read_split_errors_name_the_problem(tmp_path, world):
     annotations = json.loads((data / "train.json").read_text())
     annotations["annotations"].append({"caption": "x", "id": 1, "image_id": 12345})
     (tmp_path / "bad.json").write_text(json.dumps(annotations))
-    with pytest.raises(ValueError, match="unknown image_id 12345"):
+    with pytest.raises(UserError, match="unknown image_id 12345"):
         read_split(str(tmp_path / "bad.json"), str(data / "images" / "train"))
-    with pytest.raises(FileNotFoundError, match="12 images"):
+    with pytest.raises(UserError, match="12 images"):
         read_split(str(data / "train.json"), str(tmp_path))
     (tmp_path / "not.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="not a course caption file"):
+    with pytest.raises(UserError, match="not a course caption file"):
         read_split(str(tmp_path / "not.json"), str(tmp_path))
 
 

@@ -7,11 +7,12 @@ import torch
 from clip.model import CLIP
 from PIL import Image
 
-from captioner import (MAX_TRAINABLE, CaptionConfig, CaptionModel, build_caption_model, count_checkpoint_params,
-                       load_captioner, load_trainable, parameter_table, read_checkpoint, save_trainable,
-                       trainable_state_dict)
 from decoder import Decoder, GPTConfig, course_state_dict, select_batch
-from image_encoder import clip_vit_tokens, load_image_encoder
+from hw3.p2.checkpoint import (count_checkpoint_params, load_captioner, load_trainable, read_checkpoint,
+                               save_trainable)
+from hw3.p2.encoder import clip_vit_tokens, load_image_encoder
+from hw3.p2.model import (MAX_TRAINABLE, CaptionConfig, CaptionModel, build_caption_model, parameter_table,
+                          trainable_state_dict)
 
 TINY_GPT = GPTConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=100, block_size=64)
 RECIPES = {  # tiny versions of each PEFT method, cross-attention in a subset of the blocks

@@ -1,10 +1,11 @@
-"""hw3_download.sh against a local HTTP server on 127.0.0.1, the manifest checks, the backbone pre-load, and the
-grader's script rules (GRADER.md) for every hw3_*.sh."""
+"""hw3_download.sh (hw3_download.py, hw3/common/download.py) against a local HTTP server on 127.0.0.1, the manifest
+checks, the backbone pre-load, and the course's script rules for every hw3_*.sh."""
 import hashlib
 import http.server
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,7 +15,10 @@ from pathlib import Path
 import pytest
 
 import hw3_download
-from hw3_download import FAILED, NOT_PUBLISHED, OK, ManifestError
+from hw3.common import download, manifest as checkpoints_manifest
+from hw3.common.download import BAD_INPUT, FAILED, NOT_PUBLISHED, OK
+from hw3.common.errors import run_cli
+from hw3.common.manifest import ManifestError
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = b"trained weights " * 4096
@@ -77,6 +81,13 @@ def run_script(manifest, dest_root):
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
 
 
+def run_main(argv) -> int:
+    """hw3_download.py's exit status for `argv`, run in this process as its __main__ block runs it."""
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: hw3_download.main(argv), "hw3_download.py")
+    return exit_.value.code
+
+
 def test_good_download_then_second_run_skips_it(server, tmp_path):
     manifest = write_manifest(tmp_path, url=server.url + "/good.bin", sha256=SHA_GOOD)
     dest = tmp_path / "out" / "checkpoints" / "p2_best.safetensors"
@@ -134,28 +145,57 @@ def test_unpublished_checkpoint_is_reported_not_silently_ok(tmp_path):
     ({"path": "../outside.bin"}, "stay inside"),
     ({"path": "/abs/p2.bin"}, "stay inside"),
 ])
-def test_bad_manifest_entries_are_rejected(tmp_path, entry, message):
+def test_bad_manifest_entries_are_rejected(tmp_path, capsys, entry, message):
     with pytest.raises(ManifestError, match=message):
-        hw3_download.load_manifest(write_manifest(tmp_path, **entry))
-    assert hw3_download.main(["--manifest", str(tmp_path / "manifest.json"), "--skip-backbones"]) == 2
+        checkpoints_manifest.load_manifest(write_manifest(tmp_path, **entry))
+    assert run_main(["--manifest", str(tmp_path / "manifest.json"), "--skip-backbones"]) == BAD_INPUT == 2
+    assert re.search(f"^hw3_download.py: error: .*{message}", capsys.readouterr().err)
+
+
+def test_help_and_errors_with_a_malformed_repo_manifest(tmp_path):
+    """--help reads no manifest; a run without --manifest reads the repo's checkpoints.json and stops with status 2
+    before fetching anything. Run on a copy of the scripts and the package beside a malformed checkpoints.json."""
+    shutil.copy(ROOT / "hw3_download.sh", tmp_path)
+    shutil.copy(ROOT / "hw3_download.py", tmp_path)
+    (tmp_path / "hw3").mkdir()
+    shutil.copy(ROOT / "hw3" / "__init__.py", tmp_path / "hw3")
+    shutil.copytree(ROOT / "hw3" / "common", tmp_path / "hw3" / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "checkpoints.json").write_text('{"checkpoints": [{"name": "p2_best"')
+    command = ["bash", str(tmp_path / "hw3_download.sh")]
+    result = subprocess.run(command + ["--help"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == OK, result.stderr
+    assert "--manifest" in result.stdout and "3 a checkpoint is not published yet" in result.stdout
+    assert str(tmp_path / "checkpoints.json") in "".join(result.stdout.split())  # the default: this copy's manifest
+
+    result = subprocess.run(command + ["--skip-backbones"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == BAD_INPUT
+    assert result.stderr.startswith(f"hw3_download.py: error: cannot read manifest {tmp_path / 'checkpoints.json'}")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints.json", "hw3", "hw3_download.py", "hw3_download.sh"]
+
+
+def test_bad_arguments_exit_with_status_2(capsys):
+    assert run_main(["--no-such-option"]) == BAD_INPUT
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
 
 
 def test_repo_manifest_lists_the_default_backbones():
-    checkpoints, backbones = hw3_download.load_manifest(ROOT / "checkpoints.json")
+    checkpoints, backbones = checkpoints_manifest.load_manifest(ROOT / "checkpoints.json")
     assert [c.path for c in checkpoints] == ["checkpoints/p2_best.safetensors"]
     assert all(c.made_by for c in checkpoints)
     names = {(b.library, b.name) for b in backbones}
     assert {("clip", "ViT-L/14"), ("clip", "ViT-B/32")} <= names
-    assert hw3_download.checkpoint_path("p2_best") == ROOT / "checkpoints" / "p2_best.safetensors"
+    assert checkpoints_manifest.checkpoint_path("p2_best") == ROOT / "checkpoints" / "p2_best.safetensors"
     with pytest.raises(ManifestError, match="no checkpoint named"):
-        hw3_download.checkpoint_path("p9")
+        checkpoints_manifest.checkpoint_path("p9")
 
 
 def test_google_drive_links_go_through_gdown_with_output_flag(server, tmp_path):
     drive_url = "https://drive.google.com/file/d/FILE_ID/view?usp=sharing"
-    command = hw3_download.fetch_command(drive_url, tmp_path / "p2.bin")
+    command = download.fetch_command(drive_url, tmp_path / "p2.bin")
     assert command[1:3] == ["-m", "gdown"] and command[-2:] == ["-O", str(tmp_path / "p2.bin")]
-    assert hw3_download.fetch_command("https://example.org/p2.bin", tmp_path / "p2.bin")[0] == "wget"
+    assert download.fetch_command("https://example.org/p2.bin", tmp_path / "p2.bin")[0] == "wget"
     # The same gdown command line, pointed at the local server, really downloads (gdown takes plain URLs too).
     command[command.index(drive_url)] = server.url + "/good.bin"
     subprocess.run(command, env=ENV, check=True, capture_output=True, timeout=120)
@@ -181,16 +221,16 @@ def test_backbones_are_preloaded_after_checkpoints_and_failures_do_not_stop_the_
                       {"library": "clip", "name": "ViT-X/99"}, {"library": "timm", "name": "vit_base_patch16_224"}]}))
     (tmp_path / "p2.bin").write_bytes(b"trained here")
 
-    assert hw3_download.main(["--manifest", str(manifest), "--dest-root", str(tmp_path)]) == FAILED
+    assert run_main(["--manifest", str(manifest), "--dest-root", str(tmp_path)]) == FAILED
     assert loaded == [("clip", "ViT-B/32", "cpu"), ("timm", "vit_base_patch16_224", True)]
     err = capsys.readouterr().err
     assert "clip ViT-L/14: FAILED: RuntimeError: connection reset" in err and "unknown CLIP model" in err
     assert (tmp_path / "p2.bin").read_bytes() == b"trained here"  # the checkpoint is untouched by backbone failures
 
-    assert hw3_download.main(["--manifest", str(manifest), "--dest-root", str(tmp_path), "--skip-backbones"]) == OK
+    assert run_main(["--manifest", str(manifest), "--dest-root", str(tmp_path), "--skip-backbones"]) == OK
 
 
-# --- the grader's script rules ----------------------------------------------------------------------------------------
+# --- the course's script rules --------------------------------------------------------------------------------------
 FORBIDDEN_COMMANDS = {"rm", "sudo", "CUDA_VISIBLE_DEVICES", "cp", "mv", "mkdir", "cd", "pip", "pip3"}
 
 
@@ -216,5 +256,5 @@ def test_download_script_is_checked():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_obeys_the_grader_rules(script):
     words = shell_words((ROOT / script).read_text())
-    assert not FORBIDDEN_COMMANDS & words, f"{script} uses {sorted(FORBIDDEN_COMMANDS & words)} (GRADER.md)"
+    assert not FORBIDDEN_COMMANDS & words, f"{script} uses {sorted(FORBIDDEN_COMMANDS & words)}, forbidden in hw3_*.sh"
     assert "python3" in words and "python" not in words, f"{script} must call python3"

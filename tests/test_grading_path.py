@@ -1,5 +1,5 @@
-"""The grading path (hw3_*.sh and every project module they reach) imports only what the grader has (GRADER.md)."""
-import ast
+"""The grading path (hw3_*.sh and every project module they reach, package modules included) imports only what the
+grader has: the packages of the course's environment, never `transformers`, the PyPI `peft`, or the scorer."""
 import importlib.util
 import re
 import shlex
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from import_graph import ROOT, source_dependencies, walk
+
 SCRIPTS = ["hw3_1.sh", "hw3_2.sh", "hw3_download.sh"]
 
-# The grader's packages (GRADER.md "Environment"), by import name, plus the dependencies they bring.
+# The grader's packages (the course's environment), by import name, plus the dependencies they bring.
 GRADER_PACKAGES = {
     "torch", "torchvision", "timm", "loralib", "numpy", "PIL", "pandas", "matplotlib", "scipy", "imageio", "cv2",
     "pycocotools", "clip", "language_evaluation", "tqdm", "gdown", "yaml", "skimage",
@@ -35,7 +36,7 @@ def is_stdlib(name: str) -> bool:
     return origin.startswith(stdlib) and "site-packages" not in origin
 
 
-def python_entry_points(script: Path):
+def python_entry_points(script: Path, root: Path = ROOT):
     """Local .py files and `-c` snippets that a shell script runs with python3."""
     files, snippets = [], []
     for line in script.read_text().splitlines():
@@ -52,64 +53,70 @@ def python_entry_points(script: Path):
             for arg in rest:
                 match = re.search(r"([\w./-]+\.py)$", arg)
                 if match:
-                    files.append(ROOT / Path(match.group(1)).name)
+                    files.append(root / Path(match.group(1)).name)
                     break
     return files, snippets
 
 
-def imported_top_level(source: str):
-    names = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def grading_path_imports():
-    """{top-level import name: first file importing it}, following project modules transitively."""
-    found, todo, seen = {}, [], set()
+def grading_path(root: Path = ROOT):
+    """(every project file the grading scripts reach, {outside top-level package: first file importing it}),
+    following package imports (tests/import_graph.py); `python3 -c` snippets count as importers too."""
+    entries, outside = [], {}
     for script in SCRIPTS:
-        path = ROOT / script
+        path = root / script
         if not path.exists():
             continue
-        files, snippets = python_entry_points(path)
-        todo.extend(files)
+        files, snippets = python_entry_points(path, root)
+        entries.extend(files)
         for snippet in snippets:
-            for name in imported_top_level(snippet):
-                found.setdefault(name, script)
-    while todo:
-        path = todo.pop()
-        if path in seen or not path.exists():
-            continue
-        seen.add(path)
-        for name in imported_top_level(path.read_text()):
-            local = ROOT / f"{name}.py"
-            if local.exists():
-                todo.append(local)
-            else:
-                found.setdefault(name, path.name)
-    return found, seen
+            local, needs = source_dependencies(snippet, root)
+            entries.extend(local)
+            for name in needs:
+                outside.setdefault(name, path)
+    reached, needs = walk(entries, root)
+    for name, importer in needs.items():
+        outside.setdefault(name, importer)
+    return reached, outside
 
 
 def test_grading_path_is_found():
-    _, modules = grading_path_imports()
-    names = {path.name for path in modules}
-    if (ROOT / "hw3_1.sh").exists():
-        assert "p1_clip.py" in names
-    if (ROOT / "hw3_2.sh").exists():
-        assert "p2_inference.py" in names
+    reached, _ = grading_path()
+    names = {str(path.relative_to(ROOT)) for path in reached}
+    assert {"p1_clip.py", "hw3/p1/zero_shot.py", "hw3/common/images.py"} <= names
+    assert {"p2_inference.py", "hw3/p2/inference.py", "hw3/p2/checkpoint.py", "decoder.py", "tokenizer.py"} <= names
+    assert {"hw3_download.py", "hw3/common/download.py", "hw3/common/manifest.py"} <= names
 
 
-@pytest.mark.parametrize("name, importer", sorted(grading_path_imports()[0].items()))
+def test_scoring_code_stays_off_the_grading_path():
+    reached, _ = grading_path()
+    names = {str(path.relative_to(ROOT)) for path in reached}
+    assert not names & {"p2_evaluate.py", "hw3/p2/metrics.py", "hw3/report.py", "make_report.py"}
+
+
+@pytest.mark.parametrize("name, importer", sorted(grading_path()[1].items()))
 def test_import_is_allowed(name, importer):
     assert name not in FORBIDDEN, f"{importer} imports {name}, which the grader does not allow"
     assert name in GRADER_PACKAGES or is_stdlib(name), \
-        f"{importer} imports {name}: neither the standard library nor a grader package (GRADER.md)"
+        f"{importer} imports {name}: neither the standard library nor a grader package"
 
 
-def test_import_walker_catches_forbidden_imports():
-    source = "import os\nfrom transformers import GPT2Model\ndef f():\n    import peft.tuners\n"
-    assert imported_top_level(source) == {"os", "transformers", "peft"}
+def test_the_walker_catches_forbidden_imports_inside_the_package(tmp_path):
+    """A forbidden import two package levels down, inside a function, is found, and so is a `python3 -c` one."""
+    (tmp_path / "hw3_2.sh").write_text('python3 "$(dirname "$0")/p2_inference.py" "$@"\n'
+                                       'python3 -c "import transformers"\n')
+    (tmp_path / "p2_inference.py").write_text("import json\nfrom hw3.p2 import inference\n")
+    (tmp_path / "hw3" / "p2").mkdir(parents=True)
+    (tmp_path / "hw3" / "__init__.py").write_text("")
+    (tmp_path / "hw3" / "p2" / "__init__.py").write_text("")
+    (tmp_path / "hw3" / "p2" / "peft.py").write_text("import loralib\n")  # the project's own peft module
+    (tmp_path / "hw3" / "p2" / "inference.py").write_text(
+        "from hw3.p2.peft import add_lora\ndef load():\n    import peft.tuners\n    from pycocoevalcap import x\n")
+    reached, outside = grading_path(tmp_path)
+    assert {str(path.relative_to(tmp_path)) for path in reached} == {
+        "p2_inference.py", "hw3/__init__.py", "hw3/p2/__init__.py", "hw3/p2/inference.py", "hw3/p2/peft.py"}
+    assert outside["peft"] == tmp_path / "hw3" / "p2" / "inference.py"  # PyPI's peft, not hw3/p2/peft.py
+    assert outside["pycocoevalcap"] == tmp_path / "hw3" / "p2" / "inference.py"
+    assert outside["transformers"] == tmp_path / "hw3_2.sh"
+    assert outside["loralib"] == tmp_path / "hw3" / "p2" / "peft.py"
+    assert {"peft", "pycocoevalcap", "transformers"} <= FORBIDDEN
     assert is_stdlib("json") and is_stdlib("os") and is_stdlib("sys") and not is_stdlib("torch")

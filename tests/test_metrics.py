@@ -8,8 +8,8 @@ import pytest
 import torch
 from pycocoevalcap.cider.cider import Cider
 
-import metrics
-from clip_models import load_clip
+from hw3.p2 import metrics
+from hw3.common.clip_models import load_clip
 from scoring_fixtures import (CAPTIONS, caption_set, course_clip_scores, pycocoevalcap_cider,  # noqa: F401
                               tiny_clip_path)
 

@@ -15,10 +15,11 @@ import torch
 from clip.model import CLIP
 from PIL import Image
 
-import p1_clip
-import prompts
-from clip_models import load_clip
-from p1_clip import ClassifierConfig, InputError
+from hw3.common.clip_models import load_clip
+from hw3.common.errors import UserError
+from hw3.common.images import list_image_files, open_image
+from hw3.p1 import prompts, zero_shot
+from hw3.p1.zero_shot import ClassifierConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -26,8 +27,8 @@ ID2LABEL = {"0": "sweet_pepper", "1": "ray", "2": "bicycle", "10": "maple_tree"}
 
 
 def hw3_1(image_dir, id2label, output, *options, timeout=300):
-    return subprocess.run(["bash", str(ROOT / "hw3_1.sh"), str(image_dir), str(id2label), str(output), *map(str, options)],
-                          env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    command = ["bash", str(ROOT / "hw3_1.sh"), str(image_dir), str(id2label), str(output), *map(str, options)]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def read_csv(path):
@@ -90,7 +91,8 @@ def test_template_sets_are_the_published_ones():
     assert len(set(prompts.IMAGENET_TEMPLATES)) == len(prompts.IMAGENET_TEMPLATES) == 80
     assert set(prompts.IMAGENET_SELECTED_TEMPLATES) < set(prompts.IMAGENET_TEMPLATES)
     union = prompts.TEMPLATE_SETS["cifar18+imagenet80"]
-    assert set(union) == set(prompts.CIFAR_TEMPLATES) | set(prompts.IMAGENET_TEMPLATES) and len(union) == len(set(union))
+    assert set(union) == set(prompts.CIFAR_TEMPLATES) | set(prompts.IMAGENET_TEMPLATES)
+    assert len(union) == len(set(union))
     for templates in prompts.TEMPLATE_SETS.values():
         assert all(t.count("{}") == 1 for t in templates)
 
@@ -112,8 +114,8 @@ def test_class_embedding_is_the_renormalised_mean_of_its_prompts(tiny_clip):
     model, _ = load_clip(str(tiny_clip))
     names = [("bicycle",), ("ray", "stingray")]
     templates = ("a photo of a {}.", "a bad photo of the {}.")
-    ensemble = p1_clip.encode_classes(model, names, templates, "cpu")
-    singles = [p1_clip.encode_classes(model, [(n,) for n in ("bicycle", "ray", "stingray")], (t,), "cpu")
+    ensemble = zero_shot.encode_classes(model, names, templates, "cpu")
+    singles = [zero_shot.encode_classes(model, [(n,) for n in ("bicycle", "ray", "stingray")], (t,), "cpu")
                for t in templates]
     expected_bicycle = torch.nn.functional.normalize(singles[0][0] + singles[1][0], dim=0)
     expected_ray = torch.nn.functional.normalize(sum(s[i] for s in singles for i in (1, 2)), dim=0)
@@ -131,34 +133,59 @@ def test_id2label_errors_are_clear(tmp_path):
     for name, text in cases.items():
         if text is not None:
             (tmp_path / name).write_text(text)
-        with pytest.raises(InputError, match="id2label|JSON|class name|object"):
-            p1_clip.load_id2label(str(tmp_path / name))
+        with pytest.raises(UserError, match="id2label|JSON|class name|object"):
+            zero_shot.load_id2label(str(tmp_path / name))
     (tmp_path / "ok.json").write_text(json.dumps({"10": "c", "2": "b", "0": "a"}))
-    assert list(p1_clip.load_id2label(str(tmp_path / "ok.json"))) == ["0", "2", "10"]
+    assert list(zero_shot.load_id2label(str(tmp_path / "ok.json"))) == ["0", "2", "10"]
 
 
-def test_bad_id2label_through_the_script(tmp_path, tiny_clip, mixed_folder):
+def test_bad_input_through_the_script(tmp_path, tiny_clip, id2label_file, mixed_folder):
     (tmp_path / "bad.json").write_text("{not json")
     result = hw3_1(mixed_folder, tmp_path / "bad.json", tmp_path / "out.csv", "--model", tiny_clip)
     assert result.returncode == 2 and "bad.json" in result.stderr and "Traceback" not in result.stderr
+    assert "p1_clip.py: error: " in result.stderr
     assert not (tmp_path / "out.csv").exists()
-    result = hw3_1(tmp_path / "nowhere", tmp_path / "bad.json", tmp_path / "out.csv", "--model", tiny_clip)
+    result = hw3_1(tmp_path / "nowhere", id2label_file, tmp_path / "out.csv", "--model", tiny_clip)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "p1_clip.py: error: image folder not found" in result.stderr and "nowhere" in result.stderr
+    result = hw3_1(mixed_folder, id2label_file, tmp_path / "out.csv", "--model", tmp_path / "no_clip.pt")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "no_clip.pt" in result.stderr
+    result = hw3_1(mixed_folder, id2label_file, tmp_path / "out.csv", "--templates", "a photo")
+    assert result.returncode == 2 and "p1_clip.py: error: --templates" in result.stderr
+    assert not (tmp_path / "out.csv").exists()
 
 
 def test_open_image_handles_every_mode(mixed_folder):
     for name in ("grey.png", "alpha.png", "palette.png", "sixteen_bit.png", "photo.jpg", "UPPER.JPEG"):
-        image = p1_clip.open_image(mixed_folder / name, 64)
+        image = open_image(mixed_folder / name)
         assert image.mode == "RGB" and min(image.size) >= 32
-    sixteen = np.asarray(p1_clip.open_image(mixed_folder / "sixteen_bit.png", 64))
+    sixteen = np.asarray(open_image(mixed_folder / "sixteen_bit.png"))
     assert 0 < sixteen.mean() < 250, "16-bit values must be scaled, not clipped to white"
-    huge = p1_clip.open_image(mixed_folder / "huge.png", 64)
-    assert 256 <= min(huge.size) < 2000 and huge.size[0] > huge.size[1], "huge images are box-reduced first"
+    assert open_image(mixed_folder / "huge.png").size == (3000, 2000), "huge images are read whole, not pre-reduced"
 
 
 def test_transparent_pixels_become_white(tmp_path):
     Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
-    assert np.asarray(p1_clip.open_image(tmp_path / "clear.png", 64)).min() == 255
+    assert np.asarray(open_image(tmp_path / "clear.png")).min() == 255
+
+
+def test_the_stored_pixels_are_classified(tmp_path, tiny_clip):
+    """No EXIF rotation and no JPEG draft decoding: the model sees the file's stored pixels, fully decoded."""
+    stored = noise((1200, 800), seed=8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    with Image.open(tmp_path / "rotated.jpg") as file:
+        assert file.getexif()[0x0112] == 6
+        full_decode = np.asarray(file.convert("RGB"))
+    image = open_image(tmp_path / "rotated.jpg")
+    assert image.size == (1200, 800), "EXIF orientation is not applied and the JPEG is decoded at full size"
+    assert np.array_equal(np.asarray(image), full_decode)
+    Image.fromarray(full_decode).save(tmp_path / "stored.png")
+    model, preprocess = load_clip(str(tiny_clip))
+    paths = [tmp_path / "rotated.jpg", tmp_path / "stored.png"]
+    features = zero_shot.encode_images(model, preprocess, paths, ClassifierConfig(num_workers=0, device="cpu"), "t")
+    assert torch.allclose(features.plain[0], features.plain[1], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------- the script
@@ -177,11 +204,11 @@ def test_hw3_1_writes_every_readable_file_and_reports_the_rest(tmp_path, tiny_cl
 
 
 def test_predictions_do_not_depend_on_batching_or_workers(tmp_path, tiny_clip, id2label_file, mixed_folder):
-    paths = p1_clip.list_image_files(str(mixed_folder))
+    paths = list_image_files(str(mixed_folder))
     labels = list(ID2LABEL.values())
     config = ClassifierConfig(models=(str(tiny_clip),), batch_size=3, num_workers=2, device="cpu")
-    logits, ok, errors = p1_clip.classify(paths, labels, config)
-    same, _, _ = p1_clip.classify(paths, labels, ClassifierConfig(models=(str(tiny_clip),), batch_size=64,
+    logits, ok, errors = zero_shot.classify(paths, labels, config)
+    same, _, _ = zero_shot.classify(paths, labels, ClassifierConfig(models=(str(tiny_clip),), batch_size=64,
                                                                   num_workers=0, device="cpu"))
     assert torch.allclose(logits, same, atol=1e-4)
     assert sorted(errors) == ["notes.txt", "truncated.png"] and int(ok.sum()) == len(paths) - 2
@@ -194,7 +221,7 @@ def test_flip_averages_the_mirror_image(tmp_path, tiny_clip):
     noise(seed=4).save(tmp_path / "asymmetric.png")
     model, preprocess = load_clip(str(tiny_clip))
     paths = sorted(tmp_path.glob("*.png"))
-    features = p1_clip.encode_images(model, preprocess, paths, ClassifierConfig(num_workers=0, device="cpu"), "t")
+    features = zero_shot.encode_images(model, preprocess, paths, ClassifierConfig(num_workers=0, device="cpu"), "t")
     symmetric, asymmetric = paths.index(tmp_path / "symmetric.png"), paths.index(tmp_path / "asymmetric.png")
     assert torch.allclose(features.plain[symmetric], features.flipped[symmetric], atol=1e-4)
     assert not torch.allclose(features.plain[asymmetric], features.flipped[asymmetric], atol=1e-3)
@@ -204,11 +231,11 @@ def test_flip_averages_the_mirror_image(tmp_path, tiny_clip):
 
 def test_backbone_ensemble_averages_the_logits(tmp_path, tiny_clip, mixed_folder):
     other = random_clip(tmp_path / "other.pt", seed=1)
-    paths = p1_clip.list_image_files(str(mixed_folder))[:4]
+    paths = list_image_files(str(mixed_folder))[:4]
     labels = list(ID2LABEL.values())
 
     def logits(*models):
-        return p1_clip.classify(paths, labels, ClassifierConfig(models=models, num_workers=0, device="cpu"))[0]
+        return zero_shot.classify(paths, labels, ClassifierConfig(models=models, num_workers=0, device="cpu"))[0]
 
     first, second = logits(str(tiny_clip)), logits(str(other))
     assert not torch.allclose(first, second)
@@ -218,6 +245,9 @@ def test_backbone_ensemble_averages_the_logits(tmp_path, tiny_clip, mixed_folder
 def test_help_and_empty_folder(tmp_path, tiny_clip, id2label_file):
     result = subprocess.run([sys.executable, str(ROOT / "p1_clip.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--templates" in result.stdout and "report" in result.stdout
+    result = subprocess.run([sys.executable, str(ROOT / "p1_clip.py"), "report", "--help"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "--out-dir" in result.stdout and "confusions.csv" in result.stdout
     (tmp_path / "empty").mkdir()
     result = hw3_1(tmp_path / "empty", id2label_file, tmp_path / "out.csv", "--model", tiny_clip)
     assert result.returncode == 0 and read_csv(tmp_path / "out.csv") == {} and "no files" in result.stderr

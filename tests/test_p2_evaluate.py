@@ -12,7 +12,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 import p2_evaluate
-from clip_models import load_clip
+from hw3.common.clip_models import load_clip
+from hw3.common.errors import run_cli as run_main
 from scoring_fixtures import (CAPTIONS, caption_set, course_clip_scores, pycocoevalcap_cider,  # noqa: F401
                               tiny_clip_path)
 
@@ -23,6 +24,16 @@ def run_cli(caption_set, tiny_clip_path, *extra):
     return p2_evaluate.main(["--pred_file", caption_set["pred_file"], "--images_root", caption_set["images"],
                              "--annotation_file", caption_set["annotations"], "--clip-model", tiny_clip_path,
                              "--num-workers", "0", *extra])
+
+
+def cli_error(argv, capsys) -> str:
+    """The error line p2_evaluate.py ends with for `argv` (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: p2_evaluate.main(argv), "p2_evaluate.py")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("p2_evaluate.py: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
 
 
 def test_prints_the_course_line_with_the_course_numbers(caption_set, tiny_clip_path, capsys, tmp_path):  # noqa: F811
@@ -60,20 +71,20 @@ def test_key_mismatch_names_the_keys(caption_set, tiny_clip_path, tmp_path, caps
     predictions["999999"] = "a dog"
     pred_file = tmp_path / "pred.json"
     pred_file.write_text(json.dumps(predictions))
-    with pytest.raises(SystemExit, match=r"no prediction, e.g. \['000003'\].*not annotated images, e.g. \['999999'\]"):
-        p2_evaluate.main(["--pred_file", str(pred_file), "--images_root", caption_set["images"],
-                          "--annotation_file", caption_set["annotations"], "--clip-model", tiny_clip_path])
+    err = cli_error(["--pred_file", str(pred_file), "--images_root", caption_set["images"],
+                     "--annotation_file", caption_set["annotations"], "--clip-model", tiny_clip_path], capsys)
+    assert re.search(r"no prediction, e.g. \['000003'\].*not annotated images, e.g. \['999999'\]", err)
 
 
 @pytest.mark.parametrize("content,message", [(None, "prediction file not found"), ("{", "not valid JSON"),
                                              ('["a"]', "JSON object")])
-def test_bad_prediction_files_are_clear_errors(caption_set, tmp_path, content, message):  # noqa: F811
+def test_bad_prediction_files_are_clear_errors(caption_set, tmp_path, content, message, capsys):  # noqa: F811
     pred_file = tmp_path / "pred.json"
     if content is not None:
         pred_file.write_text(content)
-    with pytest.raises(SystemExit, match=message):
-        p2_evaluate.main(["--pred_file", str(pred_file), "--images_root", caption_set["images"],
-                          "--annotation_file", caption_set["annotations"]])
+    err = cli_error(["--pred_file", str(pred_file), "--images_root", caption_set["images"],
+                     "--annotation_file", caption_set["annotations"]], capsys)
+    assert message in err
 
 
 @pytest.mark.slow  # METEOR starts a JVM that loads its paraphrase table (about 10 s, twice)
@@ -106,8 +117,8 @@ def test_help_lists_the_course_options(capsys):
         assert option in out
 
 
-def test_missing_clip_checkpoint_is_a_clear_error(caption_set, tmp_path):  # noqa: F811
-    with pytest.raises(SystemExit, match="cannot load CLIP .*no_such_clip.pt"):
-        p2_evaluate.main(["--pred_file", caption_set["pred_file"], "--images_root", caption_set["images"],
-                          "--annotation_file", caption_set["annotations"],
-                          "--clip-model", str(tmp_path / "no_such_clip.pt")])
+def test_missing_clip_checkpoint_is_a_clear_error(caption_set, tmp_path, capsys):  # noqa: F811
+    err = cli_error(["--pred_file", caption_set["pred_file"], "--images_root", caption_set["images"],
+                     "--annotation_file", caption_set["annotations"],
+                     "--clip-model", str(tmp_path / "no_such_clip.pt")], capsys)
+    assert re.search("cannot load CLIP .*no_such_clip.pt", err)

@@ -14,8 +14,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import p2_inference
-from captioner import CaptionConfig, build_caption_model, read_checkpoint, save_trainable
+from hw3.common.errors import run_cli
+from hw3.common.manifest import checkpoint_path
 from decoder import GPTConfig
+from hw3.p2.checkpoint import read_checkpoint, save_trainable
+from hw3.p2.model import CaptionConfig, build_caption_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -95,12 +98,17 @@ def test_unreadable_files_get_an_entry_and_other_files_are_ignored(toy_world_sma
     assert all(predictions[name] != p2_inference.FALLBACK_CAPTION for name in ("plain name", "UPPER", "converted"))
 
 
-def checkpoint_error(toy_world_small, checkpoint, tmp_path) -> str:
-    """The message p2_inference exits with (in-process: faster than the script)."""
+def checkpoint_error(toy_world_small, checkpoint, tmp_path, capsys) -> str:
+    """The error p2_inference.py exits with (in-process: faster than the script): exit status 2, one
+    `p2_inference.py: error:` message, no traceback, no output file."""
+    argv = [str(tmp_path), str(tmp_path / "pred.json"), str(toy_world_small / "decoder_model.bin"),
+            *map(str, toy_options(toy_world_small, checkpoint))]
     with pytest.raises(SystemExit) as exit_info:
-        p2_inference.main([str(tmp_path), str(tmp_path / "pred.json"), str(toy_world_small / "decoder_model.bin"),
-                           *map(str, toy_options(toy_world_small, checkpoint))])
-    return str(exit_info.value.code)
+        run_cli(lambda: p2_inference.main(argv), "p2_inference.py")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("p2_inference.py: error: ") and "Traceback" not in err
+    assert not (tmp_path / "pred.json").exists()
+    return err
 
 
 def rewrite_checkpoint(source, target, change):
@@ -109,14 +117,15 @@ def rewrite_checkpoint(source, target, change):
     return target
 
 
-def test_bad_checkpoints_fail_naming_the_keys(toy_world_small, toy_checkpoint, tmp_path):
+def test_bad_checkpoints_fail_naming_the_keys(toy_world_small, toy_checkpoint, tmp_path, capsys):
     key = "decoder.transformer.h.1.cross_attn.q_proj.weight"
 
     def renamed(tensors):
         tensors[key.replace("q_proj", "query_proj")] = tensors.pop(key)
         return tensors
 
-    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "r.st", renamed), tmp_path)
+    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "r.st", renamed),
+                               tmp_path, capsys)
     assert "unknown tensors" in message and "query_proj" in message
     assert "lacks trained tensors" in message and key in message
 
@@ -126,7 +135,8 @@ def test_bad_checkpoints_fail_naming_the_keys(toy_world_small, toy_checkpoint, t
         del tensors[adapter_key]
         return tensors
 
-    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "d.st", dropped), tmp_path)
+    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "d.st", dropped),
+                               tmp_path, capsys)
     assert "lacks trained tensors" in message and adapter_key in message and "unknown" not in message
 
     def reshaped(tensors):
@@ -134,12 +144,12 @@ def test_bad_checkpoints_fail_naming_the_keys(toy_world_small, toy_checkpoint, t
         return tensors
 
     message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "s.st", reshaped),
-                               tmp_path)
+                               tmp_path, capsys)
     assert "wrong shape" in message and key in message
 
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(toy_checkpoint.read_bytes()[:5000])
-    assert "cannot read checkpoint" in checkpoint_error(toy_world_small, truncated, tmp_path)
+    assert "cannot read checkpoint" in checkpoint_error(toy_world_small, truncated, tmp_path, capsys)
 
 
 def test_missing_checkpoint_says_to_run_the_download_script(toy_world_small, tmp_path):
@@ -152,7 +162,7 @@ def test_missing_checkpoint_says_to_run_the_download_script(toy_world_small, tmp
 def test_default_checkpoint_is_the_download_manifests():
     manifest = json.loads((ROOT / "checkpoints.json").read_text())
     p2_best = next(entry for entry in manifest["checkpoints"] if entry["name"] == "p2_best")
-    assert p2_inference.default_checkpoint() == ROOT / p2_best["path"]
+    assert checkpoint_path() == ROOT / p2_best["path"]
 
 
 def test_cli_help_and_bad_options(tmp_path):

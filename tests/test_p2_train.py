@@ -1,4 +1,4 @@
-"""p2_train.py + training.py + run_files.py: configs and overrides, the loss, run folders, checkpoints holding only
+"""p2_train.py + hw3/p2 (config, training, run_files): configs and overrides, the loss, run folders, checkpoints holding only
 trainable tensors, Ctrl-C + resume equal to an uninterrupted run, torchrun/DDP on CPU (slow), the real recipes'
 parameter budget at real size, and the three toy configs against the best image-blind baseline and the 2x grounding
 bar (slow)."""
@@ -14,15 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import training
 from bench.p2_toy_baselines import best_fixed_caption
 from caption_fixtures import MINI_GPT, make_mini_world
-from captioner import (MAX_TRAINABLE, CaptionModel, count_checkpoint_params, count_trainable, load_captioner,
-                       read_checkpoint, save_trainable, trainable_state_dict)
 from decoder import Decoder, GPTConfig, gpt2_parameter_names
-from image_encoder import load_image_encoder
-from p2_train import load_config, main
-from training import VocabularySubset, warmup_cosine
+from hw3.common.errors import run_cli
+from hw3.p2 import training
+from hw3.p2.checkpoint import count_checkpoint_params, load_captioner, read_checkpoint, save_trainable
+from hw3.p2.config import load_config
+from hw3.p2.encoder import load_image_encoder
+from hw3.p2.model import MAX_TRAINABLE, CaptionModel, count_trainable, trainable_state_dict
+from hw3.p2.optim import VocabularySubset, warmup_cosine
+from p2_train import main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -39,6 +41,15 @@ def run_args(config, world, out, cache, *overrides):
     return ["--config", str(CONFIGS / config), "--toy-world", str(world), "--out", str(out), "--set",
             f"cache_dir={cache}", "cider_tokenizer=simple", "batch_size=4", "log_every=1", "model.encoder_layer=-1",
             *overrides]
+
+
+def cli_error(argv, capsys) -> str:
+    """The error p2_train.py ends with for `argv`: exit status 2, one `p2_train.py: error:` line, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv), "p2_train.py")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("p2_train.py: error: ") and "Traceback" not in err, err
+    return err
 
 
 # ---- configs ------------------------------------------------------------------------------------------------------
@@ -88,9 +99,9 @@ def test_cli_help_and_usage_errors(capsys, tmp_path):
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     assert "--resume" in help_text and "cache_features: bool" in help_text and "label_smoothing" in help_text
-    assert main([]) == 2 and "give --config FILE" in capsys.readouterr().err
-    assert main(["--resume", "--out", str(tmp_path)]) == 2 and "nothing to resume" in capsys.readouterr().err
-    assert main(["--config", str(tmp_path / "none.yaml")]) == 2 and "cannot read config" in capsys.readouterr().err
+    assert "give --config FILE" in cli_error([], capsys)
+    assert "nothing to resume" in cli_error(["--resume", "--out", str(tmp_path)], capsys)
+    assert "cannot read config" in cli_error(["--config", str(tmp_path / "none.yaml")], capsys)
 
 
 # ---- pieces of the loop ---------------------------------------------------------------------------------------------
@@ -131,8 +142,9 @@ def test_run_folder_layout_and_checkpoints_hold_only_trainable_tensors(mini, tmp
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"config_file", "method", "trainable_params", "checkpoint_params", "best_epoch", "best",
-                            "epochs", "decode", "data", "finished_at"}
+                            "epochs", "decode", "data", "toy_world", "finished_at"}
     assert summary["method"] == "prefix" and summary["data"] == f"toy world {mini}" and summary["finished_at"]
+    assert summary["toy_world"] == str(mini)
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2]
     assert [e["step"] for e in summary["epochs"]] == [2, 4]  # 12 images / batch 4 = 3 batches -> 2 optimizer steps
     assert summary["best"]["CIDEr"] == max(e["CIDEr"] for e in summary["epochs"])
@@ -253,7 +265,7 @@ def toy_baseline(toy_world):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_toy_config_beats_the_image_blind_baseline(method, toy_world, toy_baseline, tmp_path_factory):
-    """The README's demo run: each toy config through the CLI, as shared_contract.md says, then P3's grounding
+    """The README's demo run: each toy config through the CLI, as demo.sh runs it, then P3's grounding
     score of its checkpoint (one cross-attention layer in the toy configs)."""
     out = tmp_path_factory.mktemp(f"toy_{method}")
     cache = tmp_path_factory.getbasetemp() / "toy_feature_cache"  # shared: the first run computes it

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from decoder import Decoder, GPTConfig, unmerged
-from peft import Adapter, PrefixTuning, add_adapters, add_lora
+from hw3.p2.peft import Adapter, PrefixTuning, add_adapters, add_lora
 
 CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=100, block_size=64)
 

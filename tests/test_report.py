@@ -1,10 +1,11 @@
-"""make_report.py: a report built from small fabricated (but well-formed) result files has the expected pages and the
-numbers of those files; missing or malformed inputs give one clear error listing them."""
+"""make_report.py (hw3/report.py): a report built from small fabricated (but well-formed) result files has the
+expected pages and the numbers of those files; missing or malformed inputs give one clear error listing them."""
 import csv
 import json
 import re
 import shutil
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -12,6 +13,10 @@ import pytest
 from PIL import Image
 
 import make_report
+from hw3 import report
+from hw3.common.errors import EXIT_USER_ERROR, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 P3_NAMES = ["bike", "girl", "sheep", "ski", "umbrella"]
 
@@ -60,7 +65,8 @@ def fabricate(root: Path) -> dict:
             "checkpoint_params": 12345 + index, "best_epoch": 2, "best": {"CIDEr": 0.9 + index / 100,
                                                                           "CLIPScore": 0.7 + index / 1000},
             "epochs": [{"epoch": 1, "train_loss": 1.5, "CIDEr": 0.5, "CLIPScore": 0.6, "seconds": 10}],
-            "decode": {"beam_size": 3}, "data": f"toy world {world}", "finished_at": "2026-11-23T10:00:00"})
+            "decode": {"beam_size": 3}, "data": "toy world (fabricated)", "toy_world": str(world),
+            "finished_at": "2026-11-23T10:00:00"})
         png(run / "curves.png", (1100, 400))
     write_json(root / "p2" / "val_scores.json", {"CIDEr": 0.9345, "CLIPScore": 0.7123, "num_images": 500,
                                                  "annotation_file": "val.json", "clip_model": "clip.pt",
@@ -101,10 +107,27 @@ def page_count(path: Path) -> int:
     return len(re.findall(rb"/Type\s*/Page[^s]", path.read_bytes()))
 
 
+def arguments(folders: dict, out: Path) -> list:
+    return ["--p1-dir", str(folders["p1"]), "--p2-runs", str(folders["p2"]), "--p3-dir", str(folders["p3"]),
+            "--out", str(out)]
+
+
 def build(folders: dict, out: Path, capsys) -> str:
-    make_report.main(["--p1-dir", str(folders["p1"]), "--p2-runs", str(folders["p2"]), "--p3-dir",
-                      str(folders["p3"]), "--out", str(out)])
+    make_report.main(arguments(folders, out))
     return capsys.readouterr().out
+
+
+def build_error(folders: dict, out: Path, capsys) -> str:
+    """What the command line prints when the build fails: one line (and a list) on stderr, exit status 2."""
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: make_report.main(arguments(folders, out)), "make_report.py")
+    assert exit_.value.code == EXIT_USER_ERROR
+    return capsys.readouterr().err
+
+
+def set_summaries(folders: dict, **values) -> None:
+    for summary_path in folders["p2"].glob("*/summary.json"):
+        summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), **values}))
 
 
 def test_report_pages_and_numbers_come_from_the_result_files(tmp_path, capsys):
@@ -115,7 +138,8 @@ def test_report_pages_and_numbers_come_from_the_result_files(tmp_path, capsys):
     pages = 1 + 2 + 2 + 5 + 1 + 1
     assert page_count(out) == pages and f"({pages} pages)" in printed
     streams = pdf_streams_text(out)
-    for expected in ["0.9345", "0.8765", "0.4321", "12,346", "feedc0ffee123456", "2.50x"]:
+    # 0.890: the tiny CLIP's accuracy, from the toyworld.json of the world the summaries' "toy_world" names
+    for expected in ["0.9345", "0.8765", "0.4321", "12,346", "feedc0ffee123456", "2.50x", "0.890"]:
         assert expected in streams, expected
     if shutil.which("pdftotext"):  # the whole text (poppler-utils is not part of the environment)
         text = subprocess.run(["pdftotext", "-layout", str(out), "-"], capture_output=True, text=True).stdout
@@ -148,9 +172,7 @@ def test_missing_inputs_are_listed_together(tmp_path, capsys):
     shutil.rmtree(folders["p2"] / "toy_prefix")
     (folders["p3"] / "images" / "girl.png").unlink()
     shutil.rmtree(folders["p3"] / "top_last")
-    with pytest.raises(SystemExit) as error:
-        build(folders, tmp_path / "r.pdf", capsys)
-    message = str(error.value)
+    message = build_error(folders, tmp_path / "r.pdf", capsys)
     assert message.startswith("make_report.py: error: missing inputs:")
     for expected in ["top5.png", "method 'prefix'", "girl.png", "top-1/last-1 records"]:
         assert expected in message
@@ -163,6 +185,71 @@ def test_malformed_summary_is_named(tmp_path, capsys):
     summary = json.loads(summary_path.read_text())
     del summary["checkpoint_params"]
     summary_path.write_text(json.dumps(summary))
-    with pytest.raises(SystemExit) as error:
-        build(folders, tmp_path / "r.pdf", capsys)
-    assert "toy_lora/summary.json lacks ['checkpoint_params']" in str(error.value)
+    message = build_error(folders, tmp_path / "r.pdf", capsys)
+    assert message.startswith("make_report.py: error: malformed inputs:")
+    assert "toy_lora/summary.json lacks ['checkpoint_params']" in message
+    assert not (tmp_path / "r.pdf").exists()
+
+
+def test_summary_without_the_toy_world_key_is_malformed(tmp_path, capsys):
+    folders = fabricate(tmp_path)
+    summary_path = folders["p2"] / "toy_prefix" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    del summary["toy_world"]
+    summary_path.write_text(json.dumps(summary))
+    assert "toy_prefix/summary.json lacks ['toy_world']" in build_error(folders, tmp_path / "r.pdf", capsys)
+
+
+def test_course_data_summaries_name_no_toy_world(tmp_path, capsys):
+    folders = fabricate(tmp_path)
+    set_summaries(folders, toy_world=None, data="course data hw3_data/p2_data")
+    shutil.rmtree(folders["p3"] / "grounding")
+    out = tmp_path / "r.pdf"
+    build(folders, out, capsys)
+    streams = pdf_streams_text(out)
+    assert "0.890" not in streams and "feedc0ffee123456" not in streams  # nothing read from the toy world
+    if shutil.which("pdftotext"):
+        text = " ".join(subprocess.run(["pdftotext", str(out), "-"], capture_output=True, text=True).stdout.split())
+        assert "Course data (hw3_data): course data hw3_data/p2_data" in text and "TOY WORLD" not in text
+
+    make_report.main([*arguments(folders, out), "--toy-world", str(folders["world"])])  # named on the command line
+    assert "0.890" in pdf_streams_text(out)
+
+
+def test_missing_toy_world_is_named(tmp_path, capsys):
+    folders = fabricate(tmp_path)
+    set_summaries(folders, toy_world=str(tmp_path / "gone"))
+    message = build_error(folders, tmp_path / "r.pdf", capsys)
+    assert f"{tmp_path / 'gone' / 'toyworld.json'} (the toy world the results name)" in message
+
+
+def test_invalid_json_is_named(tmp_path, capsys):
+    folders = fabricate(tmp_path)
+    (folders["p1"] / "summary.json").write_text("{not json")
+    message = build_error(folders, tmp_path / "r.pdf", capsys)
+    assert message.startswith(f"make_report.py: error: {folders['p1'] / 'summary.json'} is not valid JSON")
+
+
+def test_interrupted_write_keeps_the_previous_report(tmp_path, capsys, monkeypatch):
+    folders = fabricate(tmp_path)
+    out = tmp_path / "out" / "hw3_report.pdf"
+    out.parent.mkdir()
+    out.write_bytes(b"the previous report")
+
+    class BrokenPdf(report.PdfPages):
+        def savefig(self, figure=None, **kwargs):
+            super().savefig(figure, **kwargs)
+            raise RuntimeError("disk full")  # after the first page has been written
+
+    monkeypatch.setattr(report, "PdfPages", BrokenPdf)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build(folders, out, capsys)
+    assert out.read_bytes() == b"the previous report"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hw3_report.pdf"]  # no temporary file left
+
+
+def test_help_works():
+    result = subprocess.run([sys.executable, str(ROOT / "make_report.py"), "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--p2-runs" in result.stdout and "--toy-world" in result.stdout

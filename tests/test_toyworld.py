@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-import toy_models
-import toyworld
-from toy_scenes import CLASSES, COLOURS, HELD_OUT, SHAPES
+from hw3.common.errors import UserError
+from hw3.toy import models as toy_models
+from hw3.toy import world as toyworld
+from hw3.toy.scenes import CLASSES, COLOURS, HELD_OUT, SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent
 P3_NAMES = ["bike.jpg", "girl.jpg", "sheep.jpg", "ski.jpg", "umbrella.jpg"]
@@ -173,17 +174,18 @@ def test_cache_hit_is_fast_and_the_cli_prints_the_version(toy_world_small):
 
 def test_refuses_a_folder_that_is_not_a_toy_world(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UserError, match="not empty"):
         toyworld.build_toy_world(tmp_path, small=True)
     result = subprocess.run([sys.executable, str(ROOT / "toyworld.py"), str(tmp_path), "--small"],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "not empty" in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("toyworld.py: error: ") and "not empty" in result.stderr
+    assert "Traceback" not in result.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
 def test_concurrent_builds_share_one_complete_world(tmp_path):
-    command = [sys.executable, "-c", "import sys, toyworld; toyworld.build_toy_world(sys.argv[1], small=True, seed=1)",
+    command = [sys.executable, "-c", "import sys; from hw3.toy.world import build_toy_world; build_toy_world(sys.argv[1], small=True, seed=1)",
                str(tmp_path / "world")]
     processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     assert all(process.wait(timeout=900) == 0 for process in processes)
@@ -247,7 +249,7 @@ def test_progressive_resizing_trains_small_first_and_saves_the_full_size_model()
 
 
 def test_clip_checkpoint_loads_as_openai_clip(toy_world_small):
-    from clip_models import load_clip
+    from hw3.common.clip_models import load_clip
     state_dict = torch.load(toy_world_small / "clip.pt", map_location="cpu")
     assert state_dict["visual.conv1.weight"].dtype == torch.float16 and "visual.proj" in state_dict
     assert state_dict["token_embedding.weight"].shape[0] == 49408 and state_dict["positional_embedding"].shape[0] == 77
@@ -278,7 +280,7 @@ def test_decoder_file_has_the_course_format(toy_world_small):
 def test_tiny_clip_zero_shot_accuracy_on_p1_val(toy_world):
     """The real P1 path: PNG files through CLIP's preprocess, clip.tokenize'd prompts, encode_text at 77 tokens."""
     import clip
-    from clip_models import load_clip
+    from hw3.common.clip_models import load_clip
     model, preprocess = load_clip(str(toy_world / "clip.pt"))
     p1 = toy_world / "hw3_data" / "p1_data"
     labels = load(p1 / "id2label.json")

@@ -12,15 +12,23 @@ from clip.model import CLIP, build_model
 from PIL import Image
 from torchvision import transforms
 
+from hw3.common.errors import UserError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """CLIP's own preprocessing: bicubic resize of the short side, centre crop, RGB, normalise."""
+def clip_resize_crop(image_size: int) -> transforms.Compose:
+    """The geometric part of CLIP's preprocessing: bicubic resize of the short side, then a centre crop."""
     return transforms.Compose([
         transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(image_size),
+    ])
+
+
+def clip_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """CLIP's own preprocessing: `clip_resize_crop`, RGB, normalise."""
+    return transforms.Compose(clip_resize_crop(image_size).transforms + [
         lambda image: image.convert("RGB"),
         transforms.ToTensor(),
         transforms.Normalize(CLIP_MEAN, CLIP_STD),
@@ -42,13 +50,13 @@ def load_clip(name_or_path: str, device="cpu") -> Tuple[CLIP, Callable[[Image.Im
         model, _ = clip.load(name_or_path, device=device, jit=False)
     elif is_local_checkpoint(name_or_path):
         if not os.path.isfile(name_or_path):
-            raise FileNotFoundError(f"CLIP checkpoint not found: {name_or_path}")
+            raise UserError(f"CLIP checkpoint not found: {name_or_path}")
         state_dict = torch.load(name_or_path, map_location="cpu")
         if not isinstance(state_dict, dict) or "visual.conv1.weight" not in state_dict:
-            raise ValueError(f"{name_or_path} is not a state_dict in OpenAI CLIP's layout (no visual.conv1.weight)")
+            raise UserError(f"{name_or_path} is not a state_dict in OpenAI CLIP's layout (no visual.conv1.weight)")
         model = build_model(state_dict).to(device)  # build_model casts to fp16, like the released weights
     else:
-        raise ValueError(f"unknown CLIP model {name_or_path!r}: use one of {clip.available_models()} or a file path")
+        raise UserError(f"unknown CLIP model {name_or_path!r}: use one of {clip.available_models()} or a file path")
     if device.type == "cpu":
         model = model.float()
     return model.eval(), clip_transform(model.visual.input_resolution)

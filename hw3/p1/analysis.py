@@ -1,7 +1,8 @@
-"""Report analyses for problem 1: `python3 p1_clip.py report IMAGE_DIR ID2LABEL [--out-dir results/p1] [...]`.
+"""Report analyses for problem 1 on labelled images: `write_report`, behind `python3 p1_clip.py report`.
 
 Needs labelled file names (`{class_id}_{image_id}.png`, as in p1_data/val). Image embeddings are computed once per
-model (with their mirror images); every prompt setting then costs only its text embeddings. Writes, under --out-dir:
+model (with their mirror images); every prompt setting then costs only its text embeddings. Writes, under the
+output folder (--out-dir):
 
   accuracy.csv / accuracy.md  accuracy of every prompt setting x model (each, and their ensemble) x flip, with the
                               seconds spent encoding images and texts
@@ -13,7 +14,6 @@ model (with their mirror images); every prompt setting then costs only its text 
   analysis.md                 the main setting's accuracy, worst classes and most confused pairs
   summary.json                settings, device, skipped files and the paths above
 """
-import argparse
 import csv
 import json
 import random
@@ -29,16 +29,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.image import AxesImage  # noqa: E402
-from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from clip_models import load_clip  # noqa: E402
-from p1_clip import (ClassifierConfig, ImageFeatures, InputError, add_classifier_options,  # noqa: E402
-                     config_from_args, encode_classes, encode_images, list_image_files, load_id2label, logit_scale,
-                     open_image, report_skipped)
-from prompts import (ENSEMBLE_SETS, PHOTO_PROMPT, REQUIRED_PROMPTS, TEMPLATE_SETS, class_names,  # noqa: E402
-                     clean_class_name, resolve_templates)
+from hw3.common.clip_models import load_clip  # noqa: E402
+from hw3.common.errors import UserError  # noqa: E402
+from hw3.common.figures import show_picture  # noqa: E402
+from hw3.common.images import list_image_files, open_image  # noqa: E402
+from hw3.p1.prompts import (ENSEMBLE_SETS, PHOTO_PROMPT, REQUIRED_PROMPTS, TEMPLATE_SETS, class_names,  # noqa: E402
+                            clean_class_name, resolve_templates)
+from hw3.p1.zero_shot import (ClassifierConfig, ImageFeatures, encode_classes, encode_images,  # noqa: E402
+                              load_id2label, logit_scale, report_skipped)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def labelled_files(paths: Sequence[Path], class_ids: Sequence[str]) -> Tuple[Lis
             print(f"warning: {path.name} does not start with a class id and '_': left out of the report",
                   file=sys.stderr)
     if not kept:
-        raise InputError("the report needs labelled file names like 3_12.png (class id, underscore, image id)")
+        raise UserError("the report needs labelled file names like 3_12.png (class id, underscore, image id)")
     return kept, targets
 
 
@@ -92,19 +92,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_image(axis, image: Image.Image):
-    """The image filling `axis`, pixels kept sharp (what imshow does, which the headless rules forbid)."""
-    image.thumbnail((512, 512))
-    artist = AxesImage(axis, interpolation="nearest")
-    artist.set_data(np.asarray(image))
-    artist.set_extent((0, image.width, image.height, 0))
-    axis.add_image(artist)
-    axis.set_xlim(0, image.width)
-    axis.set_ylim(image.height, 0)
-    axis.set_aspect("equal")
-    axis.axis("off")
-
-
 def plot_top5(out_path: Path, samples: Sequence[Path], probabilities: torch.Tensor, targets: Sequence[int],
               labels: Sequence[str], top_k: int = 5) -> List[dict]:
     """One row per sample: the image, then a bar chart of its top-k class probabilities (true class in green)."""
@@ -117,7 +104,9 @@ def plot_top5(out_path: Path, samples: Sequence[Path], probabilities: torch.Tens
         indices, values = top.indices.tolist(), top.values.tolist()
         records.append({"file": path.name, "true": labels[target],
                         "top": [{"label": labels[i], "probability": round(p, 5)} for i, p in zip(indices, values)]})
-        draw_image(image_axis, open_image(path, 224))
+        image = open_image(path)
+        image.thumbnail((512, 512))  # plenty for a 2-inch panel, and a small PNG
+        show_picture(image_axis, np.asarray(image), interpolation="nearest")
         rows = list(range(len(indices)))[::-1]  # best on top
         bar_axis.barh(rows, values, color=["tab:green" if i == target else "tab:gray" for i in indices])
         bar_axis.set_yticks(rows)
@@ -215,30 +204,17 @@ def class_analysis(predicted: np.ndarray, targets: np.ndarray, labels: Sequence[
     return per_class, confusions, matrix
 
 
-def report_main(argv: Sequence[str]):
-    parser = argparse.ArgumentParser(
-        prog="p1_clip.py report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("image_dir", help="labelled images named {class_id}_{image_id}.png (e.g. p1_data/val)")
-    parser.add_argument("id2label", help="JSON mapping class id -> class name")
-    parser.add_argument("--out-dir", default="results/p1", help="where the files go (default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=3, help="images in top5.png (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed drawing those images (default: %(default)s)")
-    parser.add_argument("--ensembles", nargs="+", default=list(ENSEMBLE_SETS), choices=sorted(TEMPLATE_SETS),
-                        metavar="SET", help="template sets to compare (default: %(default)s)")
-    parser.add_argument("--top-confusions", type=int, default=20, help="pairs in confusions.csv (%(default)s)")
-    add_classifier_options(parser)
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-        id2label = load_id2label(args.id2label)
-        class_ids, labels = list(id2label), list(id2label.values())
-        paths, targets = labelled_files(list_image_files(args.image_dir), class_ids)
-        main = main_setting(config.templates, config.synonyms)
-    except (InputError, ValueError) as error:
-        parser.error(str(error))
-    settings = report_settings(args.ensembles)
+def write_report(image_dir: str, id2label_path: str, config: ClassifierConfig, out_dir: str, samples: int = 3,
+                 seed: int = 0, ensembles: Sequence[str] = ENSEMBLE_SETS, top_confusions: int = 20) -> List[str]:
+    """Writes the report files (module docstring) for the labelled images in `image_dir` under `out_dir`; the main
+    setting is `config`'s. Returns the lines that sum it up: the main setting's accuracy, then each file written."""
+    id2label = load_id2label(id2label_path)
+    class_ids, labels = list(id2label), list(id2label.values())
+    paths, targets = labelled_files(list_image_files(image_dir), class_ids)
+    main = main_setting(config.templates, config.synonyms)
+    settings = report_settings(ensembles)
     settings += [main] if main not in settings else []
-    out_dir = Path(args.out_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"report on {len(paths)} labelled images, {len(settings)} prompt settings, models "
           f"{' + '.join(config.models)}, device {config.device}")
@@ -246,6 +222,8 @@ def report_main(argv: Sequence[str]):
     runs = run_models(paths, labels, settings, config)
     ok, errors = runs[-1].features.ok, runs[-1].features.errors
     report_skipped(errors)
+    if not ok.any():
+        raise UserError(f"none of the {len(paths)} labelled files in {image_dir} is a readable image")
     targets_tensor = torch.tensor(targets)
     files = {name: out_dir / name for name in (
         "accuracy.csv", "accuracy.md", "predictions.csv", "per_class.csv", "confusions.csv", "confusion_matrix.csv",
@@ -254,7 +232,7 @@ def report_main(argv: Sequence[str]):
     rows = accuracy_rows(runs, settings, targets_tensor, ok)
     write_table(files["accuracy.csv"], ACCURACY_HEADER, rows)
     files["accuracy.md"].write_text(
-        f"Zero-shot accuracy on {int(ok.sum())} images of {args.image_dir} (device {config.device}). image_seconds: "
+        f"Zero-shot accuracy on {int(ok.sum())} images of {image_dir} (device {config.device}). image_seconds: "
         "encoding the images (data loading included; with flip, the mirror images too); text_seconds: encoding "
         "that setting's prompts.\n\n" + markdown_table(ACCURACY_HEADER, rows), encoding="utf-8")
 
@@ -265,16 +243,16 @@ def report_main(argv: Sequence[str]):
                 [[paths[i].name, class_ids[targets[i]], class_ids[predicted[i]], yes_no(predicted[i] == targets[i])]
                  for i in readable])
     per_class, confusions, matrix = class_analysis(predicted[ok].numpy(), targets_tensor[ok].numpy(), labels,
-                                                   class_ids, args.top_confusions)
+                                                   class_ids, top_confusions)
     write_table(files["per_class.csv"], ["class_id", "class_name", "images", "correct", "accuracy"], per_class)
     confusion_header = ["true_id", "true_name", "predicted_id", "predicted_name", "count", "percent_of_true_class"]
     write_table(files["confusions.csv"], confusion_header, confusions)
     write_table(files["confusion_matrix.csv"], ["true \\ predicted"] + class_ids,
                 [[class_ids[c]] + matrix[c].tolist() for c in range(len(labels))])
 
-    samples = sorted(random.Random(args.seed).sample(readable, min(args.samples, len(readable))))
-    top5 = plot_top5(files["top5.png"], [paths[i] for i in samples], logits[samples].softmax(-1),
-                     [targets[i] for i in samples], labels)
+    drawn = sorted(random.Random(seed).sample(readable, min(samples, len(readable))))
+    top5 = plot_top5(files["top5.png"], [paths[i] for i in drawn], logits[drawn].softmax(-1),
+                     [targets[i] for i in drawn], labels)
     files["top5.json"].write_text(json.dumps(top5, indent=2), encoding="utf-8")
 
     accuracy = 100 * (predicted == targets_tensor)[ok].float().mean().item()
@@ -289,9 +267,7 @@ def report_main(argv: Sequence[str]):
     summary = {"main_setting": {"prompt": main.name, "templates": list(main.templates), "synonyms": main.synonyms,
                                 "models": list(config.models), "flip": config.flip, "accuracy": accuracy},
                "images": len(paths), "readable_images": len(readable), "skipped": errors, "device": config.device,
-               "seed": args.seed, "samples": [paths[i].name for i in samples],
+               "seed": seed, "samples": [paths[i].name for i in drawn],
                "files": {name: str(path) for name, path in files.items()}}
     files["summary.json"].write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    print(f"main setting: {main_description}: accuracy {accuracy:.2f}%")
-    for path in files.values():
-        print(f"wrote {path}")
+    return [f"main setting: {main_description}: accuracy {accuracy:.2f}%"] + [f"wrote {p}" for p in files.values()]

@@ -1,5 +1,5 @@
 """Caption training data in the course layout: annotations, tokenised captions, images (or their cached encoder
-tokens), and batches with the GRADER.md input/target shift.
+tokens), and batches with the course's input/target shift (tokenizer.make_caption_batch).
 
     split = read_split("p2_data/train.json", "p2_data/images/train")
     images = ImageFiles(split.paths, image_transform(encoder, augment=True))       # preprocessed images, or
@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from image_encoder import ImageEncoder
-from metrics import image_key
+from hw3.common.errors import UserError
+from hw3.common.files import image_key
+from hw3.common.images import ImageFiles
+from hw3.p2.encoder import ImageEncoder
 from tokenizer import BPETokenizer, make_caption_batch
 
 
@@ -56,17 +58,17 @@ def read_split(annotation_file: str, images_root: str) -> CaptionSplit:
         captions: Dict[int, List[str]] = {}
         for annotation in data["annotations"]:
             if annotation["image_id"] not in file_names:
-                raise ValueError(f"annotation {annotation.get('id')} names unknown image_id {annotation['image_id']}")
+                raise UserError(f"{annotation_file}: annotation {annotation.get('id')} names unknown image_id "
+                                f"{annotation['image_id']}")
             captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{annotation_file} is not a course caption file: {error!r}") from error
+        raise UserError(f"{annotation_file} is not a course caption file: {error!r}") from error
     ids = [image_id for image_id in file_names if image_id in captions]
     if not ids:
-        raise ValueError(f"{annotation_file} has no captioned images")
+        raise UserError(f"{annotation_file} has no captioned images")
     missing = [file_names[i] for i in ids if not os.path.isfile(os.path.join(images_root, file_names[i]))]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images of {annotation_file} are not in {images_root}, "
-                                f"e.g. {missing[:3]}")
+        raise UserError(f"{len(missing)} images of {annotation_file} are not in {images_root}, e.g. {missing[:3]}")
     return CaptionSplit(images_root, [file_names[i] for i in ids], [captions[i] for i in ids])
 
 
@@ -79,27 +81,14 @@ def tokenize_captions(split: CaptionSplit, tokenizer: BPETokenizer, max_len: int
 # ---- images -----------------------------------------------------------------------------------------------------
 
 def image_transform(encoder: ImageEncoder, augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """The encoder's own preprocessing; with `augment`, a random crop of 70-100% of the image first (no flips or
-    colour changes: captions name colours, and sometimes left and right)."""
+    """The encoder's own preprocessing of an RGB image (hw3.common.images.open_image); with `augment`, a random
+    crop of 70-100% of the image first (no flips or colour changes: captions name colours, and sometimes left and
+    right)."""
     if not augment:
         return encoder.preprocess
     crop = transforms.RandomResizedCrop(encoder.image_size, scale=(0.7, 1.0),
                                         interpolation=transforms.InterpolationMode.BICUBIC)
-    return transforms.Compose([lambda image: image.convert("RGB"), crop, encoder.preprocess])
-
-
-class ImageFiles(Dataset):
-    """Image files -> preprocessed tensors [3, S, S]."""
-
-    def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor]):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert("RGB"))
+    return transforms.Compose([crop, encoder.preprocess])
 
 
 class FeatureCache(Dataset):

@@ -7,7 +7,8 @@ Names (`load_image_encoder(name)`):
   applied, all tokens). Mind the tags: in timm 0.9.10 a bare name loads timm's default tag (for
   `vit_large_patch14_clip_224` that is LAION weights, not OpenAI's), and the OpenAI CLIP weights used QuickGELU,
   which only the `_quickgelu_` variants reproduce.
-- the path of a state_dict in OpenAI CLIP's layout (e.g. the toy world's `clip.pt`), loaded by clip_models.load_clip.
+- the path of a state_dict in OpenAI CLIP's layout (e.g. the toy world's `clip.pt`), loaded by
+  hw3.common.clip_models.load_clip.
 
 `layer` picks which block's output the tokens come from, Python-style: -1 the last block (default), -2 the one before
 (its patch tokens are more local: the last block's patch outputs feed nothing in CLIP's training loss), 0 the first.
@@ -18,7 +19,7 @@ Metadata for cross-attention maps (P3): `grid` (h, w) of patches, `n_prefix_toke
 `preprocess` (PIL image -> normalised tensor, the backbone's own resize/crop/normalisation).
 """
 import warnings
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import clip
 import torch
@@ -26,7 +27,7 @@ import torch.nn as nn
 from clip.model import VisionTransformer
 from torchvision import transforms
 
-from clip_models import clip_transform, is_local_checkpoint, load_clip
+from hw3.common.clip_models import clip_transform, is_local_checkpoint, load_clip
 
 # name: (image_size, patch_size, width, layers) of the OpenAI CLIP ViTs, to build them with random weights (tests)
 CLIP_VITS = {"ViT-B/32": (224, 32, 768, 12), "ViT-B/16": (224, 16, 768, 12), "ViT-L/14": (224, 14, 1024, 24),

@@ -27,18 +27,17 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from hw3.common.errors import UserError
+from hw3.common.files import image_key
+from hw3.common.images import ImageFiles, ImageReadError
 
-class ScoringError(RuntimeError):
+
+class ScoringError(UserError):
     """A scorer that cannot run as asked (no Java, an unreadable image): reported to the user without a traceback."""
 
 
 # -----------------------------------------------------------------------------
 # annotations and predictions
-
-
-def image_key(file_name: str) -> str:
-    """The prediction key of an image: its file name without the extension (`000123.jpg` -> `000123`)."""
-    return os.path.splitext(os.path.basename(file_name))[0]
 
 
 def load_references(annotation_file: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
@@ -60,10 +59,11 @@ def check_predictions(predictions, reference_keys, allow_subset: bool = False) -
     """Raises ValueError unless `predictions` is {image key: caption string} covering exactly the reference images
     (or, with allow_subset, some of them). The message names the missing and unexpected keys."""
     if not isinstance(predictions, dict):
-        raise ValueError(f"predictions must be a JSON object {{image name: caption}}, got {type(predictions).__name__}")
+        raise ScoringError("predictions must be a JSON object {image name: caption}, got "
+                           f"{type(predictions).__name__}")
     not_str = sorted(key for key, caption in predictions.items() if not isinstance(caption, str))
     if not_str:
-        raise ValueError(f"{len(not_str)} predictions are not strings, e.g. {not_str[:5]}")
+        raise ScoringError(f"{len(not_str)} predictions are not strings, e.g. {not_str[:5]}")
     extra = sorted(set(predictions) - set(reference_keys))
     missing = [] if allow_subset else sorted(set(reference_keys) - set(predictions))
     if extra or missing:
@@ -72,10 +72,10 @@ def check_predictions(predictions, reference_keys, allow_subset: bool = False) -
             problems.append(f"{len(missing)} annotated images have no prediction, e.g. {missing[:5]}")
         if extra:
             problems.append(f"{len(extra)} predicted names are not annotated images, e.g. {extra[:5]}")
-        raise ValueError("prediction keys must equal the annotation's image names (file name minus .jpg): "
-                         + "; ".join(problems))
+        raise ScoringError("prediction keys must equal the annotation's image names (file name minus .jpg): "
+                           + "; ".join(problems))
     if not predictions:
-        raise ValueError("no predictions to score")
+        raise ScoringError("no predictions to score")
 
 
 # -----------------------------------------------------------------------------
@@ -87,8 +87,8 @@ def ptb_tokenize(captions: Dict[str, List[str]]) -> Dict[str, List[str]]:
     try:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError as error:
-        raise ImportError("CIDEr's PTB tokenizer comes from pycocoevalcap: pip install pycocoevalcap==1.2 "
-                          "(requirements-dev.txt), or pass tokenizer='simple' for an approximation") from error
+        raise ScoringError("CIDEr's PTB tokenizer comes from pycocoevalcap: pip install pycocoevalcap==1.2 "
+                           "(requirements-dev.txt), or pass tokenizer='simple' for an approximation") from error
     if shutil.which("java") is None:
         raise ScoringError("CIDEr's PTB tokenizer (as in the course's scorer) needs Java, and no `java` is on PATH: "
                            "install a JRE (e.g. apt-get install default-jre-headless), or pass tokenizer='simple' "
@@ -123,7 +123,7 @@ def tokenize_for_scoring(predictions: Dict[str, str], references: Dict[str, List
                          ) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
     """Tokenises predictions and their references the way the course's scorer does (two tokenizer runs)."""
     if tokenizer not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {tokenizer!r}: use one of {sorted(TOKENIZERS)}")
+        raise ScoringError(f"unknown tokenizer {tokenizer!r}: use one of {sorted(TOKENIZERS)}")
     tokenize = TOKENIZERS[tokenizer]
     # language_evaluation's CocoEvaluator renames its unknown token in the references before scoring
     refs = {key: [ref.replace("_UNK", "_UNKNOWN") for ref in references[key]] for key in predictions}
@@ -195,21 +195,11 @@ def cider_d(predictions: Dict[str, str], references: Dict[str, List[str]], token
 # CLIPScore
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """Preprocessed images, read in DataLoader workers; the same tensors as reading them in the main process."""
-
-    def __init__(self, paths: List[str], preprocess: Callable):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        try:
-            image = Image.open(self.paths[index]).convert("RGB")
-        except (OSError, ValueError) as error:
-            raise ScoringError(f"cannot read image {self.paths[index]}: {error}") from error
-        return self.preprocess(image)
+def read_image_like_course(path: str) -> Image.Image:
+    """How the course's scorer reads an image: `Image.open(path).convert("RGB")`, no EXIF rotation. Kept apart from
+    hw3.common.images.open_image on purpose: the score must be the course's even where our reader differs (16-bit
+    or transparent images)."""
+    return Image.open(path).convert("RGB")
 
 
 class ClipScorer:
@@ -222,11 +212,11 @@ class ClipScorer:
 
     @classmethod
     def load(cls, name_or_path: str = "ViT-B/32", device=None) -> "ClipScorer":
-        from clip_models import load_clip
+        from hw3.common.clip_models import load_clip
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             model, preprocess = load_clip(name_or_path, device)
-        except OSError as error:  # a missing file, or no internet for a first download
+        except (OSError, UserError) as error:  # a missing or malformed file, or no internet for a first download
             raise ScoringError(f"cannot load CLIP {name_or_path!r} ({error}); OpenAI models download to "
                                "~/.cache/clip on first use") from error
         return cls(model, preprocess, device, name=name_or_path)
@@ -259,10 +249,14 @@ class ClipScorer:
         if truncated:
             warnings.warn(f"{len(truncated)} captions are longer than CLIP's {self.model.context_length} tokens and "
                           f"were truncated for CLIPScore, e.g. {truncated[:3]}")
-        images = torch.utils.data.DataLoader(_ImageFiles([image_paths[key] for key in keys], self.preprocess),
-                                             batch_size=1, num_workers=num_workers)
+        images = torch.utils.data.DataLoader(
+            ImageFiles([image_paths[key] for key in keys], self.preprocess, reader=read_image_like_course),
+            batch_size=1, num_workers=num_workers)
         bar = tqdm(zip(keys, images), total=len(keys), desc=f"CLIPScore ({self.name})", disable=not progress)
-        return {key: self.score(image, captions[key]) for key, image in bar}
+        try:
+            return {key: self.score(image, captions[key]) for key, image in bar}
+        except ImageReadError as error:  # the scorer cannot score a set with an unreadable image
+            raise ScoringError(str(error)) from error
 
 
 # -----------------------------------------------------------------------------

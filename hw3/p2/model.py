@@ -1,5 +1,6 @@
 """The image-conditioned captioner: a frozen ViT encoder, the frozen course GPT-2 with cross-attention to the image
-tokens in chosen blocks, and PEFT (peft.py); configuration, trainable-parameter accounting and checkpoints.
+tokens in chosen blocks, and PEFT (peft.py); its configuration and trainable-parameter accounting. Saving and
+loading trained checkpoints: checkpoint.py.
 
 Decoding (beam search) computes the image keys/values once per image and reuses them at every step:
     tokens = model.encode_images(images)                    # [B, N, D], frozen encoder
@@ -10,19 +11,16 @@ Training: `logits = model(input_ids, tokens)` (tokens from `encode_images` or a 
 Attention maps (P3): `model.record_attention(True)`, a forward pass, then `model.attention_maps()`.
 """
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from decoder import Decoder, GPTConfig, KeyValue, attention, gpt2_parameter_names, unmerged
-from image_encoder import ImageEncoder, load_image_encoder
-from peft import PEFT_KINDS, PrefixTuning, add_adapters, add_lora
+from decoder import Decoder, GPTConfig, KeyValue, attention, gpt2_parameter_names
+from hw3.p2.encoder import ImageEncoder, load_image_encoder
+from hw3.p2.peft import PEFT_KINDS, PrefixTuning, add_adapters, add_lora
 
 MAX_TRAINABLE = 35_000_000  # the assignment's limit, counted on the saved checkpoint
 
@@ -30,7 +28,7 @@ MAX_TRAINABLE = 35_000_000  # the assignment's limit, counted on the saved check
 @dataclass
 class CaptionConfig:
     """Everything needed to rebuild a CaptionModel; stored as JSON in every checkpoint."""
-    encoder: str = "ViT-L/14"  # see image_encoder.py
+    encoder: str = "ViT-L/14"  # see hw3/p2/encoder.py
     encoder_layer: int = -1  # which encoder block's tokens (Python-style index; -2: the penultimate block)
     decoder: GPTConfig = field(default_factory=GPTConfig)  # sizes must match decoder_model.bin; dropout is free
     context_width: int = 768  # width of the shared projection of the image tokens, fed to every cross-attention
@@ -238,61 +236,3 @@ def parameter_table(model: CaptionModel) -> str:
     lines.append(f"{'in a checkpoint':<58} {saved:>12,}")
     lines.append(f"{'frozen':<58} {frozen:>12,}")
     return "\n".join(lines)
-
-
-# ---- checkpoints ----------------------------------------------------------------------------------------------------
-
-def save_trainable(model: CaptionModel, path: str, collapse_prefix: bool = True) -> int:
-    """Writes only the trainable tensors (safetensors, the CaptionConfig JSON in its metadata); returns their count.
-    Creates the parent folder."""
-    tensors = {name: t.contiguous().cpu() for name, t in trainable_state_dict(model, collapse_prefix).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata={"caption_config": model.config.to_json()})
-    return sum(t.numel() for t in tensors.values())
-
-
-def read_checkpoint(path: str) -> Tuple[CaptionConfig, Dict[str, torch.Tensor]]:
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as error:  # truncated or not a safetensors file
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
-    if "caption_config" not in metadata:
-        raise ValueError(f"checkpoint {path} has no caption_config in its metadata")
-    return CaptionConfig.from_json(metadata["caption_config"]), tensors
-
-
-def count_checkpoint_params(path: str) -> int:
-    with safe_open(path, framework="pt") as f:
-        return sum(torch.Size(f.get_slice(key).get_shape()).numel() for key in f.keys())
-
-
-def load_trainable(model: CaptionModel, tensors: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Loads trained tensors (strict=False on top of the pretrained weights) after checking that every tensor fits a
-    parameter and every trainable parameter gets one. Safe with loralib's merged weights (eval mode). Collapses the
-    model's prefix MLP when the tensors hold collapsed prefixes (build the optimizer after loading)."""
-    if model.prefix is not None and "prefix.prefixes" in tensors:
-        model.prefix.collapse()
-    own = dict(model.named_parameters())
-    unexpected = sorted(set(tensors) - set(own))
-    missing = sorted(name for name, p in own.items() if p.requires_grad and name not in tensors)
-    wrong = sorted(f"{key} {list(t.shape)} vs {list(own[key].shape)}" for key, t in tensors.items()
-                   if key in own and t.shape != own[key].shape)
-    problems = [f"{source} {problem}: {keys}" for problem, keys in (
-        ("has unknown tensors", unexpected), ("lacks trained tensors", missing),
-        ("has tensors of the wrong shape (file vs model)", wrong)) if keys]
-    if problems:  # all of them at once: a renamed key shows up as one unknown and one missing tensor
-        raise ValueError("\n".join(problems))
-    with unmerged(model):
-        model.load_state_dict(tensors, strict=False)
-
-
-def load_captioner(checkpoint_path: str, decoder_weights_path: str, device="cpu",
-                   encoder: Optional[str] = None) -> CaptionModel:
-    """Rebuilds the model from the checkpoint's config (encoder: override the config's encoder name or path),
-    loads the pretrained parts from their sources and the trained tensors from the checkpoint; eval mode."""
-    config, tensors = read_checkpoint(checkpoint_path)
-    model = build_caption_model(config, decoder_weights_path, device, encoder=encoder)
-    load_trainable(model, tensors, source=checkpoint_path)
-    return model.eval()

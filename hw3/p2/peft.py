@@ -5,9 +5,9 @@ the output from the start, as prefixes do.
 
 loralib 0.1.2 merges B@A into the frozen weight on `.eval()` and subtracts it on `.train()`. Loading or changing
 lora_A/B while merged would leave a stale delta in the weight: load under `decoder.unmerged(model)` (the checkpoint
-functions in captioner.py do), which unmerges, and re-merges with the new values when the mode is restored.
+functions in checkpoint.py do), which unmerges, and re-merges with the new values when the mode is restored.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import loralib as lora
 import torch

@@ -1,4 +1,4 @@
-"""The files of a p2_train.py run folder (layout fixed in shared_contract.md):
+"""The files of a p2_train.py run folder (make_report.py and the tests read them):
 
     best.safetensors      trainable tensors of the best validation (by CIDEr), prefixes collapsed: for inference
     last.safetensors      trainable tensors of the latest state (prefix MLP kept), with resume.pt: for --resume
@@ -6,9 +6,10 @@
     log.jsonl             one JSON object per logged training step ("type": "train") and validation ("val")
     curves.png            training loss per step, val CIDEr / CLIPScore per validation
     val_predictions.json  {image key: caption} of the best validation
-    summary.json          the run in one object (read by the report builder)
+    summary.json          the run in one object (read by the report builder; "toy_world" names the toy world's
+                          folder, or is null for the course data)
     config.yaml           the resolved config of the run
-Only rank 0 writes (`active`).
+Only rank 0 writes (`active`). Every file appears whole or not at all (written beside, then renamed).
 """
 import dataclasses
 import datetime
@@ -24,14 +25,18 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from captioner import CaptionModel, count_checkpoint_params, count_trainable, save_trainable  # noqa: E402
+from hw3.common.errors import UserError  # noqa: E402
+from hw3.common.files import write_atomically, write_text_atomically  # noqa: E402
+from hw3.p2.checkpoint import count_checkpoint_params, save_trainable  # noqa: E402
+from hw3.p2.config import DataPaths  # noqa: E402
+from hw3.p2.model import CaptionModel, count_trainable  # noqa: E402
 
 
 def saved_config(out: str) -> dict:
     """The config dict a run saved in OUT/resume.pt."""
     path = os.path.join(out, "resume.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+        raise UserError(f"nothing to resume: {path} does not exist")
     return torch.load(path, map_location="cpu")["config"]
 
 
@@ -44,7 +49,7 @@ class RunFiles:
 
     def load_resume(self) -> dict:
         if not (self.resume.is_file() and self.last.is_file()):
-            raise FileNotFoundError(f"nothing to resume in {self.out}: need last.safetensors and resume.pt")
+            raise UserError(f"nothing to resume in {self.out}: need last.safetensors and resume.pt")
         return torch.load(self.resume, map_location="cpu")
 
     def restore_log(self, step: int) -> None:
@@ -53,13 +58,13 @@ class RunFiles:
             records = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
             self.records = [r for r in records if r.get("step", 0) <= step]
 
-    def start(self, config, config_file: Optional[str], paths: dict) -> None:
+    def start(self, config, config_file: Optional[str], paths: DataPaths) -> None:
         if not self.active:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        print(f"run folder: {self.out} (data: {paths['description']}; config: {config_file or 'resumed'})",
+        print(f"run folder: {self.out} (data: {paths.description}; config: {config_file or 'resumed'})",
               flush=True)
 
     def log(self, **record) -> None:
@@ -71,28 +76,28 @@ class RunFiles:
             f.write(json.dumps(record) + "\n")
 
     def save_best(self, model: CaptionModel, predictions: dict) -> None:
-        _replace(self.best, lambda path: save_trainable(model, path))
-        _replace(self.out / "val_predictions.json",
-                 lambda path: Path(path).write_text(json.dumps(predictions, indent=1, sort_keys=True)))
+        save_trainable(model, str(self.best))
+        write_text_atomically(self.out / "val_predictions.json", json.dumps(predictions, indent=1, sort_keys=True))
 
     def save_last(self, model: CaptionModel, state: dict) -> None:
         if not self.active:
             return
-        _replace(self.last, lambda path: save_trainable(model, path, collapse_prefix=False))
-        _replace(self.resume, lambda path: torch.save(state, path))
+        save_trainable(model, str(self.last), collapse_prefix=False)
+        write_atomically(self.resume, lambda path: torch.save(state, path))
 
-    def write_summary(self, config, config_file: Optional[str], paths: dict, model: CaptionModel, progress: dict,
+    def write_summary(self, config, config_file: Optional[str], paths: DataPaths, model: CaptionModel, progress,
                       finished: bool = False) -> dict:
+        """summary.json from the config and the training Progress (hw3.p2.training)."""
         summary = {
             "config_file": config_file, "method": "+".join(config.model.peft) or "none",
             "trainable_params": count_trainable(model),
             "checkpoint_params": count_checkpoint_params(str(self.best)) if self.best.is_file() else None,
-            "best_epoch": progress["best_epoch"], "best": progress["best"], "epochs": progress["history"],
-            "decode": dataclasses.asdict(config.decode), "data": paths["description"],
+            "best_epoch": progress.best_epoch, "best": progress.best, "epochs": progress.history,
+            "decode": dataclasses.asdict(config.decode), "data": paths.description, "toy_world": paths.toy_world,
             "finished_at": datetime.datetime.now().isoformat(timespec="seconds") if finished else None,
         }
         if self.active:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_text_atomically(self.out / "summary.json", json.dumps(summary, indent=1))
             self.plot()
         return summary
 
@@ -109,12 +114,5 @@ class RunFiles:
         score_axes.set(xlabel="optimizer step", title="validation")
         score_axes.legend()
         figure.tight_layout()
-        figure.savefig(self.out / "curves.png", dpi=100)
+        write_atomically(self.out / "curves.png", lambda path: figure.savefig(path, dpi=100, format="png"))
         plt.close(figure)
-
-
-def _replace(path: Path, write) -> None:
-    """write(temporary path), then an atomic rename: an interruption never leaves a half-written file."""
-    temporary = f"{path}.tmp"
-    write(temporary)
-    os.replace(temporary, path)

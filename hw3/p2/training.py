@@ -1,4 +1,4 @@
-"""The training loop behind p2_train.py (config: p2_train.TrainConfig).
+"""The training loop behind p2_train.py (config: hw3.p2.config.TrainConfig).
 
 - AdamW on the trainable parameters only (weight decay on matrices), linear warmup then cosine to zero, gradient
   clipping, label smoothing, gradient accumulation; fp16 autocast + GradScaler on CUDA, fp32 on CPU.
@@ -11,13 +11,16 @@
   world's tiny GPT-2 does, an approximation otherwise. Generation always uses the full vocabulary.
 - Ctrl-C saves last.safetensors + resume.pt before leaving; `--resume` continues at the last optimizer step.
 
-Run folder (shared_contract.md): best.safetensors, last.safetensors, resume.pt, log.jsonl, curves.png,
-val_predictions.json, summary.json (the files are written by run_files.py).
+The phases, in order: `Trainer(...)` sets up (processes, model, data, optimizer, resume state); `run()` trains epoch
+by epoch (`train_epoch` -> `train_batch` -> `optimizer_step`), validating and saving (`validate_and_save`,
+`save_last`); `finish()` writes the summary. The run folder's files are written by run_files.py.
 """
+import dataclasses
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -28,22 +31,42 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from caption_data import (CaptionDataset, ImageFiles, caption_vocabulary, collate_captions, feature_cache,
-                          image_batches, image_transform, read_split, tokenize_captions)
-from captioner import CaptionModel, load_trainable, parameter_table, read_checkpoint
 from decoder import Decoder
-from generation import caption_images
-from image_encoder import load_image_encoder
-from metrics import ClipScorer, score_captions
-from p2_train import TrainConfig
-from run_files import RunFiles
+from hw3.common.images import ImageFiles
+from hw3.p2.checkpoint import load_trainable, read_checkpoint
+from hw3.p2.config import DataPaths, TrainConfig
+from hw3.p2.data import (CaptionBatch, CaptionDataset, caption_vocabulary, collate_captions, feature_cache,
+                         image_batches, image_transform, read_split, tokenize_captions)
+from hw3.p2.encoder import ImageEncoder, load_image_encoder
+from hw3.p2.generation import caption_images
+from hw3.p2.metrics import ClipScorer, score_captions
+from hw3.p2.model import CaptionModel, parameter_table
+from hw3.p2.optim import VocabularySubset, adamw, warmup_cosine_scheduler
+from hw3.p2.run_files import RunFiles
 from tokenizer import EOT_ID, IGNORE_INDEX, BPETokenizer
 
 
 # ---- setup ------------------------------------------------------------------------------------------------------
 
-def setup_distributed(device: Optional[str]) -> Tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, else gloo."""
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the training processes (one without torchrun)."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:  # rank 0 validates, saves and logs
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_processes(device: Optional[str]) -> Processes:
+    """Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on GPUs, else gloo. A cuda device without an
+    index takes LOCAL_RANK's GPU."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device:
@@ -56,112 +79,49 @@ def setup_distributed(device: Optional[str]) -> Tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
+    return Processes(rank, world_size, device)
 
 
-def build_model(config: TrainConfig, paths: dict, device: torch.device) -> CaptionModel:
-    """GPT-2 from the course file (its shapes set config.model.decoder), the frozen encoder, the new modules."""
-    decoder = Decoder.from_course_file(paths["decoder"], dropout=config.model.decoder.dropout,
+def build_model(config: TrainConfig, paths: DataPaths, device: torch.device) -> Tuple[CaptionModel, TrainConfig]:
+    """GPT-2 from the course file, the frozen encoder, the new modules. Returns the model and the config it was
+    built with: `config` with model.decoder set to the file's sizes and model.encoder to the encoder used (`config`
+    itself is left as it was)."""
+    decoder = Decoder.from_course_file(paths.decoder, dropout=config.model.decoder.dropout,
                                        layer_norm_eps=config.model.decoder.layer_norm_eps)
-    config.model.decoder = decoder.config
-    config.model.encoder = paths["encoder"]
-    encoder = load_image_encoder(paths["encoder"], device, layer=config.model.encoder_layer)
-    return CaptionModel(config.model, encoder, decoder).to(device)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """Learning-rate factor per optimizer step: linear warmup to 1, then cosine to 0 at total_steps."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and LayerNorm weights (1-d) get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
+    model_config = dataclasses.replace(config.model, decoder=decoder.config, encoder=paths.encoder)
+    encoder = load_image_encoder(paths.encoder, device, layer=model_config.encoder_layer)
+    return CaptionModel(model_config, encoder, decoder).to(device), dataclasses.replace(config, model=model_config)
 
 
 # ---- the loss ---------------------------------------------------------------------------------------------------
 
-class VocabularyHead(nn.Module):
-    """The frozen, tied output layer restricted to `token_ids`: logits [..., len(token_ids)]."""
-
-    def __init__(self, weight: nn.Parameter, token_ids: torch.Tensor):
-        super().__init__()
-        self.weight = weight
-        self.register_buffer("token_ids", token_ids)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight[self.token_ids])
+@dataclass(frozen=True)
+class LossSettings:
+    encode: bool  # batch.images are images for the encoder (False: cached encoder tokens)
+    amp: bool = False  # fp16 autocast (CUDA only)
+    label_smoothing: float = 0.0
+    vocabulary: Optional[VocabularySubset] = None  # train_vocab: captions
 
 
-class VocabularySubset:
-    """Training over a subset of the vocabulary: `head(decoder)` swaps the output layer for the subset's while a
-    forward pass runs, `targets(t)` maps token ids to their rows in it."""
-
-    def __init__(self, token_ids: torch.Tensor, vocab_size: int, device: torch.device):
-        self.token_ids = token_ids.to(device)
-        self.rows = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
-        self.rows[self.token_ids] = torch.arange(len(token_ids), device=device)
-
-    @contextmanager
-    def head(self, decoder: Decoder):
-        full = decoder.lm_head
-        decoder.lm_head = VocabularyHead(full.weight, self.token_ids)
-        try:
-            yield
-        finally:
-            decoder.lm_head = full
-
-    def targets(self, targets: torch.Tensor) -> torch.Tensor:
-        rows = self.rows[targets.clamp(min=0)]
-        if bool((rows[targets != IGNORE_INDEX] < 0).any()):
-            raise ValueError("a target token is outside the training vocabulary")
-        return torch.where(targets == IGNORE_INDEX, targets, rows)
-
-
-def caption_loss(model: nn.Module, captioner: CaptionModel, batch, encode: bool, device: torch.device,
-                 config: TrainConfig, vocabulary: Optional[VocabularySubset]) -> torch.Tensor:
-    """Mean token cross-entropy of a CaptionBatch (model: the captioner itself or its DDP wrapper)."""
+def caption_loss(captioner: CaptionModel, batch: CaptionBatch, settings: LossSettings, device: torch.device,
+                 forward: Optional[nn.Module] = None) -> torch.Tensor:
+    """Mean token cross-entropy of a CaptionBatch. `forward`: what runs the decoder (the captioner's DDP wrapper
+    under torchrun; default the captioner itself)."""
     images = batch.images.to(device, non_blocking=True)
     with torch.no_grad():
-        tokens = captioner.encode_images(images) if encode else images.float()
+        tokens = captioner.encode_images(images) if settings.encode else images.float()
     input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
-    amp = torch.cuda.amp.autocast() if config.amp and device.type == "cuda" else nullcontext()
-    with amp, \
-            (vocabulary.head(captioner.decoder) if vocabulary else nullcontext()):
-        logits = model(input_ids, tokens)
+    amp = torch.cuda.amp.autocast() if settings.amp and device.type == "cuda" else nullcontext()
+    vocabulary = settings.vocabulary
+    with amp, (vocabulary.head(captioner.decoder) if vocabulary else nullcontext()):
+        logits = (forward or captioner)(input_ids, tokens)
     if vocabulary:
         targets = vocabulary.targets(targets)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           label_smoothing=config.label_smoothing)
+                           label_smoothing=settings.label_smoothing)
 
 
-# ---- validation ---------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def validate(captioner: CaptionModel, loader: DataLoader, keys: List[str], encode: bool, config: TrainConfig,
-             paths: dict, scorer: ClipScorer, tokenizer: BPETokenizer, device: torch.device
-             ) -> Tuple[Dict[str, float], Dict[str, str]]:
-    """Captions for the val images (in `keys` order) and their CIDEr / CLIPScore."""
-    captioner.eval()
-    captions: List[str] = []
-    for images in tqdm(loader, desc="val captions", leave=False):
-        images = images.to(device)
-        tokens = captioner.encode_images(images) if encode else images.float()
-        captions += caption_images(captioner, tokens, config.decode, tokenizer)
-    captioner.train()
-    predictions = dict(zip(keys, captions))
-    result = score_captions(predictions, paths["val_json"], paths["val_images"], clip_model=scorer, device=device,
-                            tokenizer=config.cider_tokenizer, allow_subset=bool(config.val_images), progress=False)
-    return {"CIDEr": result["CIDEr"], "CLIPScore": result["CLIPScore"]}, predictions
-
+# ---- data -------------------------------------------------------------------------------------------------------
 
 class TrainingData(NamedTuple):
     train: CaptionDataset  # items: (image or cached tokens, caption tokens, image index)
@@ -172,23 +132,21 @@ class TrainingData(NamedTuple):
     vocabulary: Optional[VocabularySubset]  # train_vocab: captions
 
 
-def load_data(config: TrainConfig, paths: dict, model: CaptionModel, tokenizer: BPETokenizer, rank: int,
-              world_size: int, device: torch.device) -> TrainingData:
+def load_data(config: TrainConfig, paths: DataPaths, encoder: ImageEncoder, tokenizer: BPETokenizer,
+              processes: Processes) -> TrainingData:
     """Annotations, tokenised captions, and images or (cache_features; rank 0 computes, the others wait) their
     cached encoder tokens."""
-    train_split = read_split(paths["train_json"], paths["train_images"])
-    val_split = read_split(paths["val_json"], paths["val_images"])
+    train_split = read_split(paths.train_json, paths.train_images)
+    val_split = read_split(paths.val_json, paths.val_images)
     captions = tokenize_captions(train_split, tokenizer, config.model.max_caption_length)
-    encoder = model.encoder
     if config.cache_features:
         started, cache_dir = time.time(), os.path.expanduser(config.cache_dir)
-        for turn in (0, 1) if world_size > 1 else (0,):
-            if (rank == 0) == (turn == 0):
-                train_images = feature_cache(encoder, train_split.paths, cache_dir, device)
-                val_images = feature_cache(encoder, val_split.paths, cache_dir, device)
-            if world_size > 1:
-                dist.barrier()
-        if rank == 0:
+        for turn in (0, 1) if processes.world_size > 1 else (0,):
+            if processes.main == (turn == 0):
+                train_images = feature_cache(encoder, train_split.paths, cache_dir, processes.device)
+                val_images = feature_cache(encoder, val_split.paths, cache_dir, processes.device)
+            processes.barrier()
+        if processes.main:
             print(f"encoder tokens cached in {cache_dir} ({time.time() - started:.1f} s)", flush=True)
     else:
         train_images = ImageFiles(train_split.paths, image_transform(encoder, config.augment))
@@ -198,8 +156,8 @@ def load_data(config: TrainConfig, paths: dict, model: CaptionModel, tokenizer: 
     vocabulary = None
     if config.train_vocab == "captions":
         token_ids = caption_vocabulary(captions, extra=[EOT_ID])
-        vocabulary = VocabularySubset(token_ids, model.decoder.config.vocab_size, device)
-        if rank == 0:
+        vocabulary = VocabularySubset(token_ids, config.model.decoder.vocab_size, processes.device)
+        if processes.main:
             print(f"training softmax over the {len(token_ids)} tokens of the training captions", flush=True)
     train = CaptionDataset(train_images, captions, per_image=config.epoch_items == "images", seed=config.seed)
     return TrainingData(train, val_loader, val_split.keys[:len(val_loader.dataset)], not config.cache_features,
@@ -208,132 +166,207 @@ def load_data(config: TrainConfig, paths: dict, model: CaptionModel, tokenizer: 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
 
+@dataclass
+class Progress:
+    """Where training stands; saved in resume.pt (as a dict) and restored by --resume."""
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # batches of the current epoch already trained (resume mid-epoch)
+    step: int = 0  # optimizer steps taken
+    best: Optional[Dict[str, float]] = None  # the scores of the best validation so far (by CIDEr)
+    best_epoch: Optional[int] = None
+    history: List[dict] = field(default_factory=list)  # one record per validation
+
+
+class Trainer:
+    """One training run (see the module docstring for its phases)."""
+
+    def __init__(self, config: TrainConfig, config_file: Optional[str] = None, resume: bool = False,
+                 device: Optional[str] = None):
+        self.processes = setup_processes(device)
+        self.device = self.processes.device
+        if self.device.type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        torch.manual_seed(config.seed)
+        self.paths = config.data_paths()
+        self.model, self.config = build_model(config, self.paths, self.device)
+        self.config_file = config_file
+        self.files = RunFiles(self.config.out, active=self.processes.main)
+        state = self.files.load_resume() if resume else None
+        if state is not None:
+            load_trainable(self.model, read_checkpoint(str(self.files.last))[1], source=str(self.files.last))
+        if self.processes.main:
+            print(parameter_table(self.model), flush=True)
+
+        self.tokenizer = BPETokenizer()
+        self.data = load_data(self.config, self.paths, self.model.encoder, self.tokenizer, self.processes)
+        self.loss_settings = LossSettings(self.data.encode, self.config.amp, self.config.label_smoothing,
+                                          self.data.vocabulary)
+        self.sampler = DistributedSampler(self.data.train, num_replicas=self.processes.world_size,
+                                          rank=self.processes.rank, shuffle=True, seed=self.config.seed)
+        self.scorer = ClipScorer.load(self.paths.clip_model, self.device) if self.processes.main else None
+
+        self.batches_per_epoch = math.ceil(len(self.sampler) / self.config.batch_size)
+        total_steps = self.config.epochs * math.ceil(self.batches_per_epoch / self.config.grad_accum)
+        if self.config.max_steps:
+            total_steps = min(total_steps, self.config.max_steps)
+        self.optimizer = adamw(self.model.named_parameters(), self.config.lr, self.config.weight_decay)
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, max(1, round(self.config.warmup_ratio * total_steps)),
+                                                 total_steps)
+        self.scaler = torch.cuda.amp.GradScaler(enabled=self.config.amp and self.device.type == "cuda")
+        self.forward = DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if self.processes.world_size > 1 else self.model
+        self.progress = Progress()
+        if state is not None:
+            self.restore(state)
+        self.files.start(self.config, config_file, self.paths)
+
+    def restore(self, state: dict) -> None:
+        """Optimizer, schedule, GradScaler and progress from a resume.pt state."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        self.files.restore_log(self.progress.step)
+
+    @property
+    def finished(self) -> bool:
+        config, progress = self.config, self.progress
+        return progress.epoch >= config.epochs or bool(config.max_steps and progress.step >= config.max_steps)
+
+    def run(self) -> Optional[dict]:
+        """Trains until the epochs (or max_steps) are done; returns the summary (rank 0) or None (other ranks).
+        Ctrl-C saves the state for --resume and exits with status 130."""
+        try:
+            while not self.finished:
+                self.train_epoch()
+        except KeyboardInterrupt:
+            if self.processes.main:
+                self.save_last()
+                print(f"\ninterrupted: saved {self.files.last} and {self.files.resume} (continue with --resume "
+                      f"--out {self.config.out})")
+            raise SystemExit(130)
+        return self.finish()
+
+    def train_epoch(self) -> None:
+        """The rest of the current epoch (all of it, unless resumed mid-epoch), then validation."""
+        config, progress = self.config, self.progress
+        epoch = progress.epoch
+        self.sampler.set_epoch(epoch)
+        self.data.train.set_epoch(epoch)
+        order = list(self.sampler)[progress.batches_done * config.batch_size:]  # resume mid-epoch
+        loader = DataLoader(self.data.train, config.batch_size, sampler=order, collate_fn=collate_captions,
+                            num_workers=self.data.workers, pin_memory=self.device.type == "cuda")
+        batch_index, losses, started = progress.batches_done, [], time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.processes.main,
+                   initial=batch_index, total=self.batches_per_epoch)
+        for batch in bar:
+            batch_index += 1
+            sync = batch_index % config.grad_accum == 0 or batch_index == self.batches_per_epoch
+            losses.append(self.train_batch(batch, sync))
+            if not sync:
+                continue
+            self.optimizer_step()
+            progress.batches_done = batch_index
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            self.log_loss(epoch, losses)
+            if config.val_every and progress.step % config.val_every == 0:
+                self.validate_and_save(epoch + 1, losses, time.time() - started)
+                losses, started = [], time.time()
+            if config.max_steps and progress.step >= config.max_steps:
+                break
+        if batch_index >= self.batches_per_epoch:
+            progress.epoch, progress.batches_done = epoch + 1, 0
+        if losses and (not config.val_every or self.finished):
+            self.validate_and_save(epoch + 1, losses, time.time() - started)
+        elif self.processes.main:
+            self.save_last()
+
+    def train_batch(self, batch: CaptionBatch, sync: bool) -> float:
+        """Forward and backward of one micro-batch (gradients are synchronised across processes only when `sync`);
+        returns its loss."""
+        no_sync = self.processes.world_size > 1 and not sync
+        with self.forward.no_sync() if no_sync else nullcontext():
+            loss = caption_loss(self.model, batch, self.loss_settings, self.device, self.forward)
+            self.scaler.scale(loss / self.config.grad_accum).backward()
+        return loss.item()
+
+    def optimizer_step(self) -> None:
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.progress.step += 1
+
+    def log_loss(self, epoch: int, losses: List[float]) -> None:
+        """Every log_every optimizer steps: the mean loss of the last log_every micro-batches."""
+        step, every = self.progress.step, self.config.log_every
+        if step % every == 0:
+            recent = losses[-every:]
+            self.files.log(type="train", epoch=epoch + 1, step=step, loss=sum(recent) / len(recent),
+                           lr=self.scheduler.get_last_lr()[0])
+
+    @torch.no_grad()
+    def validate(self) -> Tuple[Dict[str, float], Dict[str, str]]:
+        """Captions for the val images (in val_keys order) and their CIDEr / CLIPScore."""
+        self.model.eval()
+        captions: List[str] = []
+        for images in tqdm(self.data.val_loader, desc="val captions", leave=False):
+            images = images.to(self.device)
+            tokens = self.model.encode_images(images) if self.data.encode else images.float()
+            captions += caption_images(self.model, tokens, self.config.decode, self.tokenizer)
+        self.model.train()
+        predictions = dict(zip(self.data.val_keys, captions))
+        result = score_captions(predictions, self.paths.val_json, self.paths.val_images, clip_model=self.scorer,
+                                device=self.device, tokenizer=self.config.cider_tokenizer,
+                                allow_subset=bool(self.config.val_images), progress=False)
+        return {"CIDEr": result["CIDEr"], "CLIPScore": result["CLIPScore"]}, predictions
+
+    def validate_and_save(self, epoch: int, losses: List[float], seconds: float) -> None:
+        """Validation, the best checkpoint, last.safetensors + resume.pt, logs and summary (rank 0); the other ranks
+        wait."""
+        progress = self.progress
+        if self.processes.main:
+            started = time.time()
+            scores, predictions = self.validate()
+            record = dict(epoch=epoch, step=progress.step,
+                          train_loss=sum(losses) / max(1, len(losses)), CIDEr=scores["CIDEr"],
+                          CLIPScore=scores["CLIPScore"], seconds=round(seconds, 2),
+                          val_seconds=round(time.time() - started, 2))
+            progress.history.append(record)
+            if progress.best is None or scores["CIDEr"] > progress.best["CIDEr"]:
+                progress.best, progress.best_epoch = scores, record["epoch"]
+                self.files.save_best(self.model, predictions)
+            self.files.log(type="val", **record)
+            tqdm.write(f"epoch {record['epoch']} step {progress.step}: train loss {record['train_loss']:.4f}, val "
+                       f"CIDEr {scores['CIDEr']:.4f}, CLIPScore {scores['CLIPScore']:.4f} ({record['val_seconds']} s)")
+            self.save_last()
+            self.files.write_summary(self.config, self.config_file, self.paths, self.model, progress)
+        self.processes.barrier()
+
+    def save_last(self) -> None:
+        self.files.save_last(self.model, dict(
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), progress=dataclasses.asdict(self.progress), config=self.config.to_dict()))
+
+    def finish(self) -> Optional[dict]:
+        main, progress = self.processes.main, self.progress
+        summary = self.files.write_summary(self.config, self.config_file, self.paths, self.model, progress,
+                                           finished=True) if main else None
+        if main and progress.best:
+            print(f"best val CIDEr {progress.best['CIDEr']:.4f} (epoch {progress.best_epoch}); "
+                  f"wrote {self.files.out}/(best.safetensors, last.safetensors, resume.pt, log.jsonl, curves.png, "
+                  "val_predictions.json, summary.json)")
+        if self.processes.world_size > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return summary
+
+
 def train(config: TrainConfig, config_file: Optional[str] = None, resume: bool = False,
           device: Optional[str] = None) -> Optional[dict]:
     """Trains as `config` says; returns the summary (rank 0) or None (other ranks)."""
-    rank, world_size, device = setup_distributed(device)
-    main = rank == 0
-    if device.type == "cpu" and config.cpu_threads:
-        torch.set_num_threads(config.cpu_threads)
-    torch.manual_seed(config.seed)
-    paths = config.data_paths()
-    model = build_model(config, paths, device)
-    files = RunFiles(config.out, active=main)
-    state = files.load_resume() if resume else None
-    if state is not None:
-        load_trainable(model, read_checkpoint(files.last)[1], source=files.last)
-    if main:
-        print(parameter_table(model), flush=True)
-
-    tokenizer = BPETokenizer()
-    data = load_data(config, paths, model, tokenizer, rank, world_size, device)
-    dataset, val_loader, encode = data.train, data.val_loader, data.encode
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed)
-    scorer = ClipScorer.load(paths["clip_model"], device) if main else None
-
-    # optimisation
-    batches_per_epoch = math.ceil(len(sampler) / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(max(1, round(config.warmup_ratio * total_steps)), total_steps))
-    scaler = torch.cuda.amp.GradScaler(enabled=config.amp and device.type == "cuda")
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
-    progress = dict(epoch=0, batches_done=0, step=0, best=None, best_epoch=None, history=[])
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        progress.update(state["progress"])
-        files.restore_log(progress["step"])
-    files.start(config, config_file, paths)
-
-    def evaluate(epoch: int, losses: List[float], seconds: float) -> None:
-        """Validation, checkpoints and logs (rank 0); the other ranks wait."""
-        if main:
-            started = time.time()
-            scores, predictions = validate(model, val_loader, data.val_keys, encode, config, paths, scorer,
-                                           tokenizer, device)
-            record = dict(epoch=epoch + 1, step=progress["step"], train_loss=sum(losses) / max(1, len(losses)),
-                          CIDEr=scores["CIDEr"], CLIPScore=scores["CLIPScore"], seconds=round(seconds, 2),
-                          val_seconds=round(time.time() - started, 2))
-            progress["history"].append(record)
-            if progress["best"] is None or scores["CIDEr"] > progress["best"]["CIDEr"]:
-                progress["best"], progress["best_epoch"] = scores, epoch + 1
-                files.save_best(model, predictions)
-            files.log(type="val", **record)
-            tqdm.write(f"epoch {epoch + 1} step {progress['step']}: train loss {record['train_loss']:.4f}, val CIDEr "
-                       f"{scores['CIDEr']:.4f}, CLIPScore {scores['CLIPScore']:.4f} ({record['val_seconds']} s)")
-            save_last()
-            files.write_summary(config, config_file, paths, model, progress)
-        if world_size > 1:
-            dist.barrier()
-
-    def save_last() -> None:
-        files.save_last(model, dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                    scaler=scaler.state_dict(), progress=progress, config=config.to_dict()))
-
-    try:
-        while progress["epoch"] < config.epochs and not (config.max_steps and progress["step"] >= config.max_steps):
-            epoch = progress["epoch"]
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            order = list(sampler)[progress["batches_done"] * config.batch_size:]  # resume mid-epoch
-            loader = DataLoader(dataset, config.batch_size, sampler=order, collate_fn=collate_captions,
-                                num_workers=data.workers, pin_memory=device.type == "cuda")
-            batch_index, losses, started = progress["batches_done"], [], time.time()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not main,
-                       initial=batch_index, total=batches_per_epoch)
-            for batch in bar:
-                batch_index += 1
-                sync = batch_index % config.grad_accum == 0 or batch_index == batches_per_epoch
-                with ddp.no_sync() if world_size > 1 and not sync else nullcontext():
-                    loss = caption_loss(ddp, model, batch, encode, device, config, data.vocabulary)
-                    scaler.scale(loss / config.grad_accum).backward()
-                losses.append(loss.item())
-                if not sync:
-                    continue
-                if config.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                progress["step"] += 1
-                progress["batches_done"] = batch_index
-                step = progress["step"]
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if step % config.log_every == 0:
-                    files.log(type="train", epoch=epoch + 1, step=step, loss=sum(losses[-config.log_every:]) /
-                              len(losses[-config.log_every:]), lr=scheduler.get_last_lr()[0])
-                if config.val_every and step % config.val_every == 0:
-                    evaluate(epoch, losses, time.time() - started)
-                    losses, started = [], time.time()
-                if config.max_steps and step >= config.max_steps:
-                    break
-            if batch_index >= batches_per_epoch:
-                progress["epoch"], progress["batches_done"] = epoch + 1, 0
-            finished = progress["epoch"] >= config.epochs or (config.max_steps and progress["step"] >= config.max_steps)
-            if losses and (not config.val_every or finished):
-                evaluate(epoch, losses, time.time() - started)
-            elif main:
-                save_last()
-    except KeyboardInterrupt:
-        if main:
-            save_last()
-            print(f"\ninterrupted: saved {files.last} and {files.resume} (continue with --resume --out {config.out})")
-        raise SystemExit(130)
-    summary = files.write_summary(config, config_file, paths, model, progress, finished=True) if main else None
-    if main and progress["best"]:
-        print(f"best val CIDEr {progress['best']['CIDEr']:.4f} (epoch {progress['best_epoch']}); "
-              f"wrote {files.out}/(best.safetensors, last.safetensors, resume.pt, log.jsonl, curves.png, "
-              "val_predictions.json, summary.json)")
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary
+    return Trainer(config, config_file, resume, device).run()

@@ -1,14 +1,14 @@
 """Problem 3: the cross-attention of each generated caption token over the image patches, as heat maps on the image.
 
-    results = caption_images(model, [Image.open(path)], DecodeConfig(beam_size=3))   # caption + attention maps
-    figure = plot_caption_attention(results[0], layer=-1, head=None)                # the course's layout
+    results = caption_images(model, [open_image(path)], DecodeConfig())   # caption + attention maps
+    figure = plot_caption_attention(results[0], layer=-1, head=None)     # the course's layout
     figure.savefig("bike.png")
 
-How the maps are read. The caption comes from generation.generate (beam search). Then ONE teacher-forced forward pass
-of [<|endoftext|>, t1 .. tn] with the model recording its cross-attention gives, at query position i, the attention
-the decoder used when it chose token t(i+1) (position n: when it chose the end token). Attention is causal, so these
-are exactly the weights of the final beam's own decoding steps, whatever reordering the beam search did
-(tests/test_attention_maps.py checks them against an incremental decode).
+How the maps are read. The caption comes from hw3.p2.generation.generate (beam search). Then ONE teacher-forced
+forward pass of [<|endoftext|>, t1 .. tn] with the model recording its cross-attention gives, at query position i,
+the attention the decoder used when it chose token t(i+1) (position n: when it chose the end token). Attention is
+causal, so these are exactly the weights of the final beam's own decoding steps, whatever reordering the beam search
+did (tests/test_attention_maps.py checks them against an incremental decode).
 
 Maps: the encoder's non-patch tokens (CLS) are dropped and the patch attention renormalised to sum 1 (the share left
 on CLS is kept in `prefix_share`); patches are reshaped to the encoder's grid. The grid covers only the part of the
@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 from PIL import Image
 from torchvision import transforms
 
+from hw3.common.figures import add_image, frame_picture
+from hw3.p2.generation import generate
 from tokenizer import EOT_ID, BPETokenizer
 
 END_TITLE = "<|endoftext|>"
@@ -54,6 +55,11 @@ class CaptionAttention:
     @property
     def layers(self) -> List[int]:
         return sorted(self.maps)
+
+
+def cross_attention_layers(model) -> List[int]:
+    """The decoder layers of `model` that have cross-attention."""
+    return [i for i, block in enumerate(model.decoder.transformer.h) if block.cross_attn is not None]
 
 
 # ---- where the patch grid lies on the original image ------------------------------------------------------------
@@ -147,8 +153,7 @@ def attention_for_captions(model, pixels: torch.Tensor, captions: Sequence[Seque
 
 def caption_images(model, images: Sequence[Image.Image], decode_config, names: Optional[Sequence[str]] = None,
                    batch_size: int = 16, progress=None) -> List[CaptionAttention]:
-    """Captions `images` (PIL) with generation.generate and reads each caption's cross-attention."""
-    from generation import generate  # the decoding module (helper B); imported here so the maths above needs none
+    """Captions `images` (PIL) with hw3.p2.generation.generate and reads each caption's cross-attention."""
     names = list(names) if names is not None else [f"image_{i}" for i in range(len(images))]
     device = next(model.parameters()).device
     results = []
@@ -224,32 +229,21 @@ def word_maps(result: CaptionAttention, words: List[Tuple[str, List[int]]], laye
 
 # ---- figures ----------------------------------------------------------------------------------------------------
 
-def _add_image(axis, pixels: np.ndarray, extent: Box, **style) -> None:
-    """Draws an array into `axis` over `extent` (x0, y0, x1, y1) without pyplot (headless)."""
-    artist = AxesImage(axis, **style)
-    artist.set_data(pixels)
-    artist.set_extent((extent[0], extent[2], extent[3], extent[1]))
-    axis.add_image(artist)
-
-
 def draw_attention(axis, image: Image.Image, grid_map: Optional[torch.Tensor], view_box: Box, title: str,
                    colour_map: str = "jet", alpha: float = 0.5) -> None:
     """The image, and (if given) the map over the region the encoder saw, scaled to its own maximum."""
     width, height = image.size
-    _add_image(axis, np.asarray(image), (0, 0, width, height), interpolation="bilinear")
+    add_image(axis, np.asarray(image), (0, 0, width, height), interpolation="bilinear")
     if grid_map is not None:
         heat = smooth_map(grid_map, view_box)
         heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
-        _add_image(axis, colormaps[colour_map](heat, alpha=alpha), view_box, interpolation="bilinear")
+        add_image(axis, colormaps[colour_map](heat, alpha=alpha), view_box, interpolation="bilinear")
         x0, y0, x1, y1 = view_box
         shade = (0, 0, 0, 0.55)  # the parts of the image the encoder never saw
         for box in ((0, 0, width, y0), (0, y1, width, height), (0, y0, x0, y1), (x1, y0, width, y1)):
             if box[2] - box[0] > 0.5 and box[3] - box[1] > 0.5:
                 axis.add_patch(Rectangle(box[:2], box[2] - box[0], box[3] - box[1], color=shade, linewidth=0))
-    axis.set_xlim(0, width)
-    axis.set_ylim(height, 0)
-    axis.set_aspect("equal")
-    axis.axis("off")
+    frame_picture(axis, width, height)
     axis.set_title(title, fontsize=11)
 
 

@@ -1,8 +1,8 @@
-"""Grounding score of the cross-attention on the toy world (toyworld.py), whose boxes.json gives every object's box.
+"""Grounding score of the cross-attention on the toy world (hw3.toy.world), whose boxes.json gives each object's box.
 
 For each generated word that names a colour or a shape of an object in the image, the share of the word's attention
-mass (patch attention, mapped onto the image region the encoder saw, see attention_maps.pixel_weights) that falls in
-the box of the object(s) with that colour or shape. The baseline is the share uniform attention over the patches
+mass (patch attention, mapped onto the image region the encoder saw, see hw3.p3.attention.pixel_weights) that falls
+in the box of the object(s) with that colour or shape. The baseline is the share uniform attention over the patches
 would put there (about the box's share of the seen area). Per layer: the mean share against the mean baseline,
 heads averaged, and the best single head. Words naming something absent from the image are counted, not scored.
 """
@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from attention_maps import Box, CaptionAttention, caption_words, pixel_weights
+from hw3.p3.attention import Box, CaptionAttention, caption_words, pixel_weights
 
 TABLE_COLUMNS = ["layer", "words", "mean_share", "mean_baseline", "ratio", "colour_share", "shape_share",
                  "best_head", "best_head_share"]

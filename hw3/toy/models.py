@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from clip.model import CLIP
 from tqdm import tqdm
 
-from clip_models import CLIP_MEAN, CLIP_STD
+from decoder import Decoder, GPTConfig
+from hw3.common.clip_models import CLIP_MEAN, CLIP_STD
+from hw3.p2.optim import VocabularyHead, VocabularySubset, adamw, vocabulary_rows, warmup_cosine_scheduler
+from tokenizer import EOT_ID, BPETokenizer, make_caption_batch
 
 
 class SeenTokenEmbedding(nn.Module):
@@ -35,9 +38,7 @@ class SeenTokenEmbedding(nn.Module):
         token_ids = token_ids.long()
         self.weight = nn.Parameter(embedding.weight.detach()[token_ids].clone())
         self.register_buffer("token_ids", token_ids)
-        index = torch.full((embedding.num_embeddings,), -1, dtype=torch.long)
-        index[token_ids] = torch.arange(len(token_ids))
-        self.register_buffer("index", index)  # token id -> row, -1 for tokens never seen
+        self.register_buffer("index", vocabulary_rows(token_ids, embedding.num_embeddings))  # -1: never seen
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = self.index[tokens.long()]
@@ -52,22 +53,6 @@ class SeenTokenEmbedding(nn.Module):
     def write_back(self, embedding: nn.Embedding) -> nn.Embedding:
         embedding.weight[self.token_ids] = self.weight.to(embedding.weight)
         return embedding
-
-
-class SeenTokenHead(nn.Module):
-    """The tied output layer over the seen tokens only: logits [..., len(token_ids)]."""
-
-    def __init__(self, embedding: SeenTokenEmbedding):
-        super().__init__()
-        self.embedding = embedding
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.embedding.weight.t()
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) * 0.5 * (
-        1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
 
 # ---------------------------------------------------------------------------------------------------- tiny CLIP
@@ -237,12 +222,10 @@ def train_tiny_clip(images: torch.Tensor, captions: List[List[str]], keys: List[
     full_embedding, model.token_embedding = model.token_embedding, SeenTokenEmbedding(model.token_embedding, seen)
     model.to(device)
     attribute_tokens = [t.to(device) for t in attribute_tokens]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    optimizer = adamw(model.named_parameters(), config.lr, config.weight_decay, betas=(0.9, 0.98),
+                      no_decay=lambda name, p: p.ndim < 2 or "embedding" in name)
     total = len(epoch_batches(keys, groups, config.batch_size, random.Random(0))) * config.epochs
-    scheduler = cosine_schedule(optimizer, config.warmup_steps, total)
+    scheduler = warmup_cosine_scheduler(optimizer, config.warmup_steps, total)
     history, start = [], time.time()
     epoch_images = resize_images(images, model.visual.input_resolution)
     for epoch in range(config.epochs):
@@ -313,7 +296,6 @@ def pin_constant_dim(decoder) -> None:
 @torch.no_grad()
 def caption_nll(decoder, token_lists: List[List[int]], batch_size: int = 256) -> Tuple[float, int]:
     """Summed negative log-likelihood (nats) of captions, each as [EOT, tokens, EOT], and the number of targets."""
-    from tokenizer import make_caption_batch
     total, count = 0.0, 0
     for start in range(0, len(token_lists), batch_size):
         input_ids, targets = make_caption_batch(token_lists[start:start + batch_size])
@@ -343,8 +325,6 @@ def train_tiny_lm(train_captions: List[str], config: LMConfig, val_captions: Opt
     saved model's full-vocabulary softmax equals the trained one up to ~50000 * e^-40 of mass, in every context and
     under PEFT too (ln_f stays frozen). Returns (decoder in eval mode, metrics: perplexities and samples).
     """
-    from decoder import Decoder, GPTConfig
-    from tokenizer import EOT_ID, BPETokenizer, make_caption_batch
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     tokenizer = BPETokenizer()
@@ -353,20 +333,20 @@ def train_tiny_lm(train_captions: List[str], config: LMConfig, val_captions: Opt
     decoder = Decoder(GPTConfig(n_layer=config.n_layer, n_head=config.n_embd // 64, n_embd=config.n_embd)).train()
     full_wte, full_head = decoder.transformer.wte, decoder.lm_head
     decoder.transformer.wte = SeenTokenEmbedding(full_wte, seen)
-    decoder.lm_head = SeenTokenHead(decoder.transformer.wte)
+    decoder.lm_head = VocabularyHead(decoder.transformer.wte.weight)  # tied to the trained rows
+    vocabulary = VocabularySubset(seen, decoder.config.vocab_size)
     pin_constant_dim(decoder)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = cosine_schedule(optimizer, config.warmup_steps,
-                                math.ceil(len(train_tokens) / config.batch_size) * config.epochs)
+    scheduler = warmup_cosine_scheduler(optimizer, config.warmup_steps,
+                                        math.ceil(len(train_tokens) / config.batch_size) * config.epochs)
     order = list(range(len(train_tokens)))
     for epoch in range(config.epochs):
         rng.shuffle(order)
         losses = []
         for start in tqdm(range(0, len(order), config.batch_size), desc=f"tiny LM epoch {epoch + 1}", leave=False):
             input_ids, targets = make_caption_batch([train_tokens[i] for i in order[start:start + config.batch_size]])
-            targets = torch.where(targets == -100, targets, decoder.transformer.wte.index[targets.clamp(min=0)])
             logits, _ = decoder(input_ids, use_cache=False)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss = F.cross_entropy(logits.flatten(0, 1), vocabulary.targets(targets).flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -393,7 +373,6 @@ def train_tiny_lm(train_captions: List[str], config: LMConfig, val_captions: Opt
 @torch.no_grad()
 def sample_captions(decoder, n: int, seed: int = 0, max_tokens: int = 40) -> List[List[int]]:
     """Token lists sampled from the LM at temperature 1, each started after and stopped at <|endoftext|>."""
-    from tokenizer import EOT_ID
     generator = torch.Generator().manual_seed(seed)
     samples = []
     for _ in range(n):

@@ -4,15 +4,16 @@ Scenes hold 1-3 coloured shapes on noisy, tinted backgrounds; captions are gener
 writes the course layout (p1_data, p2_data, p3_data), the tiny CLIP (`clip.pt`, OpenAI state_dict layout), the tiny
 GPT-2 LM (`decoder_model.bin`, course format) and `boxes.json` (object boxes and held-out colour-shape pairs):
 
-    python3 toyworld.py DIR [--small] [--seed S]
+    python3 toyworld.py DIR [--small] [--seed S]        (build_toy_world; ToyWorld(DIR) names its files)
 
-The result is cached: DIR/toyworld.json stores a hash of the generator source and settings, and a build with the
-same hash returns at once. Builds go to a temporary folder renamed into place, under a file lock.
+The result is cached: DIR/toyworld.json stores a hash of the generator source (this package's three modules) and
+settings, and a build with the same hash returns at once. Builds go to a temporary folder renamed into place, under a
+file lock.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -24,14 +25,78 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
-from toy_scenes import (CLASSES, COLOURS, HELD_OUT, SHAPES, Obj, captions_for, draw_scene, object_record,
-                        sample_scene,
-                        single_object_image)
+from decoder import course_state_dict
+from hw3.common.clip_models import clip_resize_crop
+from hw3.common.errors import UserError
+from hw3.common.images import open_image
+from hw3.toy import models
+from hw3.toy.scenes import (CLASSES, COLOURS, HELD_OUT, SHAPES, Obj, captions_for, draw_scene, object_record,
+                            sample_scene, single_object_image)
 
-GENERATOR_VERSION = "toyworld-v2"
+GENERATOR_VERSION = "toyworld-v3"
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    """The files of a built toy world (what `build_toy_world` writes under `root`)."""
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).expanduser())
+
+    @property
+    def data(self) -> Path:  # the course layout: p1_data, p2_data, p3_data
+        return self.root / "hw3_data"
+
+    @property
+    def p1_val(self) -> Path:
+        return self.data / "p1_data" / "val"
+
+    @property
+    def id2label(self) -> Path:
+        return self.data / "p1_data" / "id2label.json"
+
+    @property
+    def p2_data(self) -> Path:  # images/{train,val}/*.jpg, train.json, val.json
+        return self.data / "p2_data"
+
+    @property
+    def p3_images(self) -> Path:
+        return self.data / "p3_data" / "images"
+
+    @property
+    def clip(self) -> Path:  # the tiny CLIP: image encoder for P1/P2 and the CLIPScore model
+        return self.root / "clip.pt"
+
+    @property
+    def decoder(self) -> Path:  # the tiny GPT-2 in decoder_model.bin's format
+        return self.root / "decoder_model.bin"
+
+    @property
+    def boxes(self) -> Path:
+        return self.root / "boxes.json"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "toyworld.json"
+
+    def manifest(self) -> dict:
+        """toyworld.json (generator version, hash, settings, build metrics), or {} when absent or unreadable."""
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def check(self) -> "ToyWorld":
+        """Raises UserError unless a built toy world is here."""
+        if not self.manifest_path.is_file() or not self.boxes.is_file():
+            raise UserError(f"{self.root} is not a built toy world (no toyworld.json / boxes.json): build one with "
+                            "`python3 toyworld.py DIR`")
+        return self
 
 
 @dataclass
@@ -168,10 +233,7 @@ def clip_training_set(out_dir: Path, config: WorldConfig, boxes: dict):
     """The tiny CLIP's "web" data: fresh single-object images of all 50 classes with templated captions (group 0)
     and the p2 train images with their captions (group 1); uint8 images at the CLIP input size as CLIP's preprocess
     makes them, captions, keys (the objects shown), groups and (colour, shape) attributes of single objects."""
-    import torch
-    from torchvision import transforms
-    from toy_models import ClipConfig
-    size = ClipConfig().image_size
+    size = models.ClipConfig().image_size
     rng = np.random.default_rng([config.seed, 4])
     images, captions, keys, groups, attributes = [], [], [], [], []
     for _ in tqdm(range(config.clip_images_per_class), desc="tiny CLIP training images", leave=False):
@@ -182,14 +244,14 @@ def clip_training_set(out_dir: Path, config: WorldConfig, boxes: dict):
             keys.append(label)
             groups.append(0)
             attributes.append(tuple(label.split()))
-    resize = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-                                 transforms.CenterCrop(size)])  # clip_models.clip_transform before ToTensor
-    annotations = json.loads((out_dir / "hw3_data" / "p2_data" / "train.json").read_text())
+    resize = clip_resize_crop(size)
+    world = ToyWorld(out_dir)
+    annotations = json.loads((world.p2_data / "train.json").read_text())
     by_image = {}
     for item in annotations["annotations"]:
         by_image.setdefault(item["image_id"], []).append(item["caption"])
     for item in annotations["images"]:
-        image = Image.open(out_dir / "hw3_data" / "p2_data" / "images" / "train" / item["file_name"]).convert("RGB")
+        image = open_image(world.p2_data / "images" / "train" / item["file_name"])
         images.append(np.asarray(resize(image)))
         captions.append(by_image[item["id"]])
         objects = boxes["splits"]["p2_train"][item["file_name"]]["objects"]
@@ -201,45 +263,41 @@ def clip_training_set(out_dir: Path, config: WorldConfig, boxes: dict):
 
 
 def p1_val_tensors(out_dir: Path):
-    """p1 val images resized to the CLIP input size (bicubic, as clip_models.clip_transform) and their labels."""
-    import torch
-    from toy_models import ClipConfig
-    size = ClipConfig().image_size
-    folder = out_dir / "hw3_data" / "p1_data" / "val"
+    """p1 val images resized to the CLIP input size (bicubic, as CLIP's preprocessing) and their labels."""
+    size = models.ClipConfig().image_size
+    folder = ToyWorld(out_dir).p1_val
     names = sorted(os.listdir(folder))
-    images = np.stack([np.asarray(Image.open(folder / name).convert("RGB").resize((size, size), Image.BICUBIC))
-                       for name in names])
+    images = np.stack([np.asarray(open_image(folder / name).resize((size, size), Image.BICUBIC)) for name in names])
     labels = [int(name.split("_")[0]) for name in names]
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
 
 
 def train_models(out_dir: Path, config: WorldConfig, boxes: dict) -> dict:
     """Trains and saves clip.pt and decoder_model.bin; returns their metrics (CLIP learning curve, perplexities)."""
-    import torch
-    import toy_models
-    from decoder import course_state_dict
     images, captions, keys, groups, attributes = clip_training_set(out_dir, config, boxes)
     val_images, val_labels = p1_val_tensors(out_dir)
-    clip_config = toy_models.ClipConfig(epochs=config.clip_epochs, seed=config.seed)
-    evaluate = lambda model: {"p1_val_acc": toy_models.zero_shot_accuracy(model, val_images, val_labels, CLASSES)}
-    model, history = toy_models.train_tiny_clip(images, captions, keys, groups, clip_config, attributes, evaluate,
+    clip_config = models.ClipConfig(epochs=config.clip_epochs, seed=config.seed)
+    evaluate = lambda model: {"p1_val_acc": models.zero_shot_accuracy(model, val_images, val_labels, CLASSES)}
+    model, history = models.train_tiny_clip(images, captions, keys, groups, clip_config, attributes, evaluate,
                                                 extra_prompts=[f"a photo of a {c}." for c in CLASSES])
-    torch.save(toy_models.clip_state_dict(model), out_dir / "clip.pt")
+    world = ToyWorld(out_dir)
+    torch.save(models.clip_state_dict(model), world.clip)
 
-    p2 = out_dir / "hw3_data" / "p2_data"
+    p2 = world.p2_data
     train_captions = [a["caption"] for a in json.loads((p2 / "train.json").read_text())["annotations"]]
     val_captions = [a["caption"] for a in json.loads((p2 / "val.json").read_text())["annotations"]]
-    lm_config = toy_models.LMConfig(epochs=config.lm_epochs, seed=config.seed)
-    decoder, lm_metrics = toy_models.train_tiny_lm(train_captions, lm_config, val_captions)
-    torch.save(course_state_dict(decoder), out_dir / "decoder_model.bin")
+    lm_config = models.LMConfig(epochs=config.lm_epochs, seed=config.seed)
+    decoder, lm_metrics = models.train_tiny_lm(train_captions, lm_config, val_captions)
+    torch.save(course_state_dict(decoder), world.decoder)
     return {"clip": {"config": dataclasses.asdict(clip_config), "training_images": len(images),
                      "history": history},
             "lm": {"config": dataclasses.asdict(lm_config), **lm_metrics}}
 
 
 # ---------------------------------------------------------------------------------------------------- build + cache
-# The generator: a hash of these sources and the settings decides whether a cached world is current.
-SOURCES = ("toyworld.py", "toy_scenes.py", "toy_models.py")
+# The generator: a hash of these sources (this package's modules) and the settings decides whether a cached world
+# is current.
+SOURCES = ("world.py", "scenes.py", "models.py")
 
 
 def settings_hash(config: WorldConfig) -> str:
@@ -251,23 +309,19 @@ def settings_hash(config: WorldConfig) -> str:
 
 
 def read_manifest(out_dir: Path) -> dict:
-    try:
-        return json.loads((out_dir / "toyworld.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return ToyWorld(out_dir).manifest()
 
 
 def build_toy_world(out_dir, small: bool = False, seed: int = 0) -> Path:
     """Builds the toy world in `out_dir` (or finds it there already built with the same generator and settings)
     and returns its path. Concurrent builds of one folder wait on a lock; a build appears only when complete."""
-    import fcntl
     out_dir = Path(out_dir).expanduser().resolve()
     config = WorldConfig.make(small=small, seed=seed)
     digest = settings_hash(config)
     if read_manifest(out_dir).get("hash") == digest:
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "toyworld.json").exists():
-        raise FileExistsError(f"{out_dir} is not empty and holds no toy world: choose a new or empty folder")
+        raise UserError(f"{out_dir} is not empty and holds no toy world: choose a new or empty folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -299,31 +353,20 @@ def build_toy_world(out_dir, small: bool = False, seed: int = 0) -> Path:
     return out_dir
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", help="folder to write the toy world into (created; reused when already built)")
-    parser.add_argument("--small", action="store_true", help="a small world for fast tests (seconds to minutes)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of everything generated (default 0)")
-    args = parser.parse_args(argv)
-    start = time.time()
-    try:
-        out_dir = build_toy_world(args.out_dir, small=args.small, seed=args.seed)
-    except FileExistsError as error:
-        parser.error(str(error))
-    manifest = read_manifest(out_dir)
-    print(f"toy world {manifest['generator_version']} (hash {manifest['hash']}, seed {args.seed}"
-          f"{', small' if args.small else ''}) in {out_dir} ({time.time() - start:.1f} s; "
-          f"built in {manifest['build_seconds']} s)")
-    for path, what in [("hw3_data/p1_data", "P1 val images + id2label.json"),
-                       ("hw3_data/p2_data", "P2 train/val images + train.json, val.json"),
-                       ("hw3_data/p3_data/images", "P3 images"), ("clip.pt", "tiny CLIP (OpenAI state_dict)"),
-                       ("decoder_model.bin", "tiny GPT-2 LM (course format)"),
-                       ("boxes.json", "object boxes, held-out pairs"), ("toyworld.json", "manifest and metrics")]:
-        print(f"  {out_dir / path}: {what}")
-    print(f"  tiny CLIP p1 val accuracy: {manifest['clip']['history'][-1]['p1_val_acc']:.3f}; tiny LM val perplexity "
-          f"{manifest['lm']['val_perplexity']:.2f} (unigram {manifest['lm']['unigram_val_perplexity']:.2f})")
-
-
-if __name__ == "__main__":
-    main()
+def describe(out_dir, seconds: float) -> str:
+    """What toyworld.py prints about a built world: version, hash, files, model quality."""
+    world = ToyWorld(out_dir)
+    manifest = world.manifest()
+    small = ", small" if manifest["settings"]["small"] else ""
+    lines = [f"toy world {manifest['generator_version']} (hash {manifest['hash']}, seed {manifest['settings']['seed']}"
+             f"{small}) in {world.root} ({seconds:.1f} s; built in {manifest['build_seconds']} s)"]
+    for path, what in [(world.data / "p1_data", "P1 val images + id2label.json"),
+                       (world.p2_data, "P2 train/val images + train.json, val.json"),
+                       (world.p3_images, "P3 images"), (world.clip, "tiny CLIP (OpenAI state_dict)"),
+                       (world.decoder, "tiny GPT-2 LM (course format)"),
+                       (world.boxes, "object boxes, held-out pairs"), (world.manifest_path, "manifest and metrics")]:
+        lines.append(f"  {path}: {what}")
+    lines.append(f"  tiny CLIP p1 val accuracy: {manifest['clip']['history'][-1]['p1_val_acc']:.3f}; tiny LM val "
+                 f"perplexity {manifest['lm']['val_perplexity']:.2f} (unigram "
+                 f"{manifest['lm']['unigram_val_perplexity']:.2f})")
+    return "\n".join(lines)

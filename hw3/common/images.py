@@ -1,0 +1,94 @@
+"""THE image reader: every path that turns an image file into pixels for a model goes through `open_image`.
+
+P1 prediction, P2 training, P2 validation, `hw3_2.sh` and P3 all read images here, so one file gives the same
+pixels everywhere. The choices, made once:
+- No EXIF orientation: the stored pixels are used as they are. The course's scorer (CLIPScore) reads images that
+  way, and COCO/Flickr captions were written by people looking at browsers that ignored EXIF orientation.
+- Full-size decoding, no JPEG draft mode: drafting decodes a big JPEG at 1/2, 1/4 or 1/8 scale, which gives other
+  pixels than a full decode followed by the encoder's resize (the path the scorer takes).
+- Every mode becomes 8-bit RGB: 16/32-bit grey is scaled (not clipped) to 8 bits, transparency is composited on
+  white, palette, CMYK and grey images are converted by PIL.
+The scorer (hw3/p2/metrics.py) deliberately reads images exactly as the course's p2_evaluate.py does instead.
+"""
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from hw3.common.errors import UserError
+
+# Accept big photos (PIL's default bomb guard starts warning at 89M pixels); beyond this they are reported as bad.
+Image.MAX_IMAGE_PIXELS = 500_000_000
+CAPTION_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what hw3_2.sh and P3 caption in a folder
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def open_image(path) -> Image.Image:
+    """An 8-bit RGB image of the file's stored pixels (see the module docstring for the choices)."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in _WIDE_GREY_MODES:  # convert("RGB") would clip 16-bit values at 255
+            array = np.asarray(image, dtype=np.float32)
+            scale = 255 / 65535 if array.max() > 255 else 1.0
+            return Image.fromarray(np.clip(array * scale, 0, 255).round().astype(np.uint8)).convert("RGB")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            background.alpha_composite(rgba)
+            return background.convert("RGB")
+        return image.convert("RGB")
+
+
+def list_image_files(folder, suffixes: Optional[Sequence[str]] = None) -> List[Path]:
+    """The regular files directly in `folder`, sorted by name; only those ending in `suffixes` (any case) when
+    given. Whether a file really is an image is found out when it is read."""
+    if not os.path.isdir(folder):
+        raise UserError(f"image folder not found: {folder}")
+    return sorted(path for path in Path(folder).iterdir()
+                  if path.is_file() and (suffixes is None or path.suffix.lower() in suffixes))
+
+
+class ImageReadError(UserError):
+    """An image file that cannot be decoded."""
+
+
+class ImageFiles(Dataset):
+    """Image files -> transform(reader(path)), e.g. an encoder's preprocessing of `open_image`. An unreadable file
+    raises ImageReadError naming it. `reader` exists for the scorer, which must read images the course's way."""
+
+    def __init__(self, paths: Sequence, transform: Callable[[Image.Image], torch.Tensor],
+                 reader: Callable[[str], Image.Image] = open_image):
+        self.paths, self.transform, self.reader = list(paths), transform, reader
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. PIL's palette/bomb warnings: the image is still fine
+                return self.transform(self.reader(path))
+        except Exception as error:  # corrupt, truncated, not an image, too big
+            raise ImageReadError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
+
+
+class ReadableImageFiles(ImageFiles):
+    """Like ImageFiles, but an item is (tensor, index, error message): an unreadable file gives a zero image
+    [3, size, size] and the reason instead of an error, so one bad file does not stop a whole folder."""
+
+    def __init__(self, paths: Sequence, transform: Callable[[Image.Image], torch.Tensor], size: int):
+        super().__init__(paths, transform)
+        self.size = size
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, str]:
+        try:
+            return super().__getitem__(index), index, ""
+        except ImageReadError as error:
+            cause = error.__cause__
+            return torch.zeros(3, self.size, self.size), index, f"{type(cause).__name__}: {cause}"

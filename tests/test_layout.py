@@ -1,0 +1,84 @@
+"""The import rules of the layout: course files and thin CLIs at the root over one library package, hw3/.
+
+- hw3/ never imports a top-level script; of the root modules it may import only the course's decoder.py and
+  tokenizer.py, which themselves import nothing of the project (they are leaves).
+- hw3/p1 and hw3/p2 never import each other; hw3/common imports no problem's subpackage (it is what they share).
+- No import circles anywhere (imports inside functions count: a lazy import does not hide a circle).
+Each rule is a function returning its violations, checked on the repository and on a tree that breaks it.
+"""
+from pathlib import Path
+from typing import List
+
+from import_graph import ROOT, dependencies, import_cycles, module_name
+
+COURSE_LEAVES = ("decoder.py", "tokenizer.py")  # the course's modules the library builds on
+PROBLEM_PACKAGES = ("hw3.p1", "hw3.p2", "hw3.p3", "hw3.toy", "hw3.report")
+
+
+def library_files(root: Path) -> List[Path]:
+    return sorted((root / "hw3").rglob("*.py"))
+
+
+def script_imports(root: Path) -> List[str]:
+    """Library modules importing a top-level module other than the course leaves, and leaves importing the
+    project."""
+    violations = []
+    for path in library_files(root):
+        for dependency in dependencies(path, root)[0]:
+            if dependency.parent == root and dependency.name not in COURSE_LEAVES:
+                violations.append(f"{module_name(path, root)} imports the script {dependency.name}")
+    for name in COURSE_LEAVES:
+        if (root / name).is_file():
+            violations += [f"{name} imports {module_name(d, root)}" for d in dependencies(root / name, root)[0]]
+    return violations
+
+
+def cross_imports(root: Path) -> List[str]:
+    """hw3.p1 <-> hw3.p2 imports, and hw3.common importing a problem's subpackage."""
+    forbidden = {"hw3.p1": ("hw3.p2",), "hw3.p2": ("hw3.p1",), "hw3.common": PROBLEM_PACKAGES}
+    violations = []
+    for path in library_files(root):
+        importer = module_name(path, root)
+        for package, banned in forbidden.items():
+            if importer == package or importer.startswith(package + "."):
+                for dependency in dependencies(path, root)[0]:
+                    imported = module_name(dependency, root)
+                    if any(imported == b or imported.startswith(b + ".") for b in banned):
+                        violations.append(f"{importer} imports {imported}")
+    return violations
+
+
+def test_the_library_never_imports_a_script():
+    assert script_imports(ROOT) == []
+
+
+def test_p1_and_p2_stay_apart_and_common_depends_on_no_problem():
+    assert cross_imports(ROOT) == []
+
+
+def test_no_import_circles():
+    assert import_cycles(ROOT) == []
+
+
+def test_the_rules_catch_what_they_forbid(tmp_path):
+    files = {
+        "p1_clip.py": "from hw3.p1 import zero_shot\n",
+        "decoder.py": "import torch\n",
+        "tokenizer.py": "import decoder\n",  # a leaf that is not one
+        "hw3/__init__.py": "", "hw3/p1/__init__.py": "", "hw3/p2/__init__.py": "", "hw3/common/__init__.py": "",
+        "hw3/p1/zero_shot.py": "import decoder\ndef report():\n    import p1_clip\n    from hw3.p2.model import M\n",
+        "hw3/p2/model.py": "from hw3.p1 import zero_shot\n",
+        "hw3/common/images.py": "from hw3.p2 import model\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert script_imports(tmp_path) == ["hw3.p1.zero_shot imports the script p1_clip.py",
+                                        "tokenizer.py imports decoder"]
+    assert set(cross_imports(tmp_path)) == {"hw3.common.images imports hw3.p2",
+                                            "hw3.common.images imports hw3.p2.model",
+                                            "hw3.p1.zero_shot imports hw3.p2", "hw3.p1.zero_shot imports hw3.p2.model",
+                                            "hw3.p2.model imports hw3.p1", "hw3.p2.model imports hw3.p1.zero_shot"}
+    cycles = import_cycles(tmp_path)
+    assert ["p1_clip", "hw3.p1.zero_shot", "p1_clip"] in cycles  # the lazy import inside report() counts
+    assert any({"hw3.p1.zero_shot", "hw3.p2.model"} <= set(cycle) for cycle in cycles)
