@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import p2_inference
+from decoder import GPTConfig
 from hw3.common.errors import run_cli
 from hw3.common.manifest import checkpoint_path
-from decoder import GPTConfig
 from hw3.p2.checkpoint import read_checkpoint, save_trainable
+from hw3.p2.generation import DecodeConfig
 from hw3.p2.model import CaptionConfig, build_caption_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,3 +172,21 @@ def test_cli_help_and_bad_options(tmp_path):
     for bad in (["--beam-size", "0"], ["--batch-size", "0"], ["--max-length", "0"]):
         with pytest.raises(SystemExit):
             p2_inference.parse_args([str(tmp_path), "out.json", "decoder_model.bin", *bad])
+
+
+def test_help_survives_a_malformed_manifest_and_shows_decode_config_defaults(tmp_path):
+    broken = tmp_path / "repo"  # the CLI and hw3/ beside a malformed checkpoints.json
+    shutil.copytree(ROOT / "hw3", broken / "hw3", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "p2_inference.py", broken)
+    (broken / "checkpoints.json").write_text("{not json")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # decoder.py and tokenizer.py from the repository
+    result = subprocess.run([sys.executable, str(broken / "p2_inference.py"), "--help"], capture_output=True,
+                            text=True, cwd=broken, env=env)
+    help_text = " ".join(result.stdout.split())
+    assert result.returncode == 0 and "no default: cannot read manifest" in help_text, result.stderr
+    assert f"beam size (1 = greedy) (default: {DecodeConfig().beam_size})" in help_text
+    assert f"(default: {DecodeConfig().max_length})" in help_text
+    result = subprocess.run([sys.executable, str(broken / "p2_inference.py"), str(tmp_path), str(tmp_path / "o.json"),
+                             "decoder_model.bin"], capture_output=True, text=True, cwd=broken, env=env)
+    assert result.returncode == 2 and result.stderr.startswith("p2_inference.py: error: cannot read manifest")
+    assert "Traceback" not in result.stderr and not (tmp_path / "o.json").exists()

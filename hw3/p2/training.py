@@ -38,7 +38,7 @@ from hw3.p2.config import DataPaths, TrainConfig
 from hw3.p2.data import (CaptionBatch, CaptionDataset, caption_vocabulary, collate_captions, feature_cache,
                          image_batches, image_transform, read_split, tokenize_captions)
 from hw3.p2.encoder import ImageEncoder, load_image_encoder
-from hw3.p2.generation import caption_images
+from hw3.p2.generation import autocast_for, caption_images
 from hw3.p2.metrics import ClipScorer, score_captions
 from hw3.p2.model import CaptionModel, parameter_table
 from hw3.p2.optim import VocabularySubset, adamw, warmup_cosine_scheduler
@@ -111,7 +111,7 @@ def caption_loss(captioner: CaptionModel, batch: CaptionBatch, settings: LossSet
     with torch.no_grad():
         tokens = captioner.encode_images(images) if settings.encode else images.float()
     input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
-    amp = torch.cuda.amp.autocast() if settings.amp and device.type == "cuda" else nullcontext()
+    amp = autocast_for(device) if settings.amp else nullcontext()  # fp16 on CUDA only
     vocabulary = settings.vocabulary
     with amp, (vocabulary.head(captioner.decoder) if vocabulary else nullcontext()):
         logits = (forward or captioner)(input_ids, tokens)
