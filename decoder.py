@@ -38,8 +38,13 @@ class GPTConfig:
 
     @classmethod
     def from_state_dict(cls, state_dict: Dict[str, torch.Tensor], **overrides) -> "GPTConfig":
-        """Sizes read from a course-format state_dict's shapes; n_head = n_embd // 64 unless given."""
+        """Sizes read from a course-format state_dict's shapes; n_head = n_embd // 64 unless given. A state_dict
+        without GPT-2's embeddings raises KeyError naming what is missing."""
         state_dict = _strip_transformer_prefix(state_dict)
+        absent = [key for key in ("wte.weight", "wpe.weight") if key not in state_dict]
+        if absent:
+            raise KeyError(f"not a GPT-2 state_dict in the course's layout: no {' or '.join(absent)} among its "
+                           f"{len(state_dict)} keys (e.g. {sorted(state_dict)[:3]})")
         vocab_size, n_embd = state_dict["wte.weight"].shape
         layers = {int(key.split(".")[1]) for key in state_dict if key.startswith("h.")}
         sizes = dict(n_layer=len(layers), n_embd=n_embd, n_head=max(1, n_embd // 64), vocab_size=vocab_size,
@@ -155,7 +160,11 @@ class Decoder(nn.Module):
     @classmethod
     def from_course_file(cls, path: str, **config_overrides) -> "Decoder":
         """A Decoder sized after the file's shapes, with its weights loaded (see `load_course_weights`)."""
-        state_dict = torch.load(path, map_location="cpu")
+        return cls.from_state_dict(torch.load(path, map_location="cpu"), **config_overrides)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Dict[str, torch.Tensor], **config_overrides) -> "Decoder":
+        """A Decoder sized after a course-format state_dict's shapes, with its weights loaded."""
         decoder = cls(GPTConfig.from_state_dict(state_dict, **config_overrides))
         load_course_weights(decoder, state_dict)
         return decoder

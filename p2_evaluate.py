@@ -9,12 +9,10 @@ BLEU-4 / METEOR / ROUGE-L, `--json-out` saves the summary, `--clip-model` picks 
 DIR/clip.pt), and `--tokenizer simple` is a pure-Python approximation for machines without Java.
 """
 import argparse
-import csv
-import json
 import os
 
 from hw3.common.errors import UserError, run_cli
-from hw3.common.files import write_atomically, write_text_atomically
+from hw3.common.files import check_writable, read_json, write_csv_atomically, write_json_atomically
 from hw3.p2 import metrics
 
 
@@ -35,28 +33,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def read_predictions(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"prediction file not found: {path}")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path} is not valid JSON: {error}") from error
-
-
 def ranked_by_clip_score(per_image: dict) -> list:
     return sorted(per_image.items(), key=lambda item: -item[1]["CLIPScore"])
 
 
 def write_per_image_csv(path: str, per_image: dict) -> None:
-    def write(temporary: str) -> None:
-        with open(temporary, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file_name", "caption", "cider", "clip_score"])
-            for _, row in ranked_by_clip_score(per_image):
-                writer.writerow([row["file_name"], row["caption"], row["CIDEr"], row["CLIPScore"]])
-    write_atomically(path, write)
+    write_csv_atomically(path, ["file_name", "caption", "cider", "clip_score"],
+                         [[row["file_name"], row["caption"], row["CIDEr"], row["CLIPScore"]]
+                          for _, row in ranked_by_clip_score(per_image)])
 
 
 def summary(result: dict, args) -> dict:
@@ -85,7 +69,10 @@ def print_summary(info: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    predictions = read_predictions(args.pred_file)
+    for output in (args.per_image_csv, args.json_out):  # before scoring, not after it
+        if output:
+            check_writable(output)
+    predictions = read_json(args.pred_file, "prediction file")
     if not os.path.isfile(args.annotation_file):
         raise UserError(f"annotation file not found: {args.annotation_file}")
     if not os.path.isdir(args.images_root):
@@ -100,7 +87,7 @@ def main(argv=None) -> dict:
         write_per_image_csv(args.per_image_csv, result["per_image"])
         print(f"per-image scores (best CLIPScore first): {args.per_image_csv}")
     if args.json_out:
-        write_text_atomically(args.json_out, json.dumps(info, indent=2))
+        write_json_atomically(args.json_out, info, indent=2)
         print(f"summary: {args.json_out}")
     print(f"CIDEr: {result['CIDEr']} | CLIPScore: {result['CLIPScore']}")
     return result

@@ -9,8 +9,10 @@ clip.pt), GPT-2 from DECODER_BIN, then the trained tensors, verified (hw3/p2/che
 the keys, when the checkpoint has a tensor the model does not use, lacks one a trainable parameter needs, or has one
 of the wrong shape; afterwards every trained tensor must hold the checkpoint's values).
 
-Every .jpg/.jpeg/.png file directly in IMAGE_DIR gets an entry; a file that cannot be read is reported and captioned
-with a fallback caption, so the scorer's check that every image has a caption still holds. Decoding defaults:
+Every file directly in IMAGE_DIR with an image suffix (hw3/common/images.py: .jpg/.jpeg/.png/.webp/.bmp/...; the same
+choice as hw3_1.sh) gets an entry; any other entry is skipped with a warning line naming it; an image file that
+cannot be decoded is reported and captioned with a fallback caption, so the scorer's check that every image has a
+caption still holds. Decoding defaults:
 hw3/p2/generation.py's DecodeConfig (batched beam search with the key/value cache; beam size 1 = greedy).
 """
 import argparse
@@ -21,7 +23,8 @@ import time
 import torch
 
 from hw3.common.errors import UserError, run_cli
-from hw3.common.images import CAPTION_IMAGE_SUFFIXES, list_image_files
+from hw3.common.files import check_writable
+from hw3.common.images import list_image_files
 from hw3.common.manifest import checkpoint_path, default_checkpoint_help
 from hw3.p2.checkpoint import load_captioner
 from hw3.p2.generation import add_decode_options, decode_config_from_args
@@ -30,7 +33,7 @@ from hw3.p2.inference import FALLBACK_CAPTION, caption_files, stem_keyed, write_
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("image_dir", help="folder of images (.jpg/.jpeg/.png, any names)")
+    parser.add_argument("image_dir", help="folder of images (any names, any image suffix PIL reads)")
     parser.add_argument("output_json", help="where to write {file stem: caption} (parent folders are created)")
     parser.add_argument("decoder_bin", help="the course's GPT-2 weights (decoder_model.bin)")
     parser.add_argument("--checkpoint", default=None, help=f"trained checkpoint ({default_checkpoint_help()})")
@@ -58,14 +61,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     decode = args.decode
     start = time.perf_counter()
+    check_writable(args.output_json)  # before the work, not after it
     checkpoint = args.checkpoint or str(checkpoint_path())
-    paths = list_image_files(args.image_dir, CAPTION_IMAGE_SUFFIXES)
+    paths = list_image_files(args.image_dir)
     model = load_captioner(checkpoint, args.decoder_bin, args.device, args.encoder)
     print(f"{len(paths)} images in {args.image_dir}; model from {checkpoint} "
           f"(encoder {model.encoder.name}, PEFT {'+'.join(model.config.peft) or 'none'}); {decode}; "
           f"device {args.device}; loaded in {time.perf_counter() - start:.1f} s")
     if not paths:
-        print(f"warning: no {'/'.join(CAPTION_IMAGE_SUFFIXES)} files in {args.image_dir}", file=sys.stderr)
+        print(f"warning: no image files in {args.image_dir}", file=sys.stderr)
     caption_start = time.perf_counter()
     captions, errors = caption_files(model, paths, decode, args.batch_size, args.workers, args.device)
     seconds = time.perf_counter() - caption_start

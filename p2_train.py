@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --out (without it, a finished run of the same config is "
+                             "left as it is, and any other run there is refused)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: per rank)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="config overrides, e.g. --set lr=3e-4 model.adapter_size=64 decode.beam_size=5")
@@ -63,7 +66,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    train(config_from_args(args), config_file=args.config, resume=args.resume, device=args.device)
+    train(config_from_args(args), config_file=args.config, resume=args.resume, device=args.device,
+          overwrite=args.overwrite)
     return 0
 
 

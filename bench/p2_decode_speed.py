@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hw3.common.files import write_text_atomically  # noqa: E402
 from hw3.p2.generation import DecodeConfig, generate  # noqa: E402
 from hw3.p2.model import CaptionConfig, build_caption_model, count_trainable  # noqa: E402
 
@@ -133,10 +134,9 @@ def main():
                   f"{TEST_IMAGES} test images: ~{TEST_IMAGES / row['images_per_s']:.0f} s of decoding; "
                   f"bar (>= {BAR:.0f}x, same ids) {'met' if met else 'NOT met'}")
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         result = dict(device=name, recipe=recipe_name, caption_config=json.loads(config.to_json()),
                       max_length=args.max_length, torch=torch.__version__, rows=rows)
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
+        write_text_atomically(args.json_out, json.dumps(result, indent=1))
         print(f"wrote {args.json_out}")
     return 0 if all(verdicts) else 1
 

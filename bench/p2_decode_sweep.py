@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hw3.common.files import image_key, write_text_atomically  # noqa: E402
-from hw3.common.images import CAPTION_IMAGE_SUFFIXES, list_image_files  # noqa: E402
+from hw3.common.images import list_image_files  # noqa: E402
 from hw3.p2.checkpoint import load_captioner  # noqa: E402
 from hw3.p2.generation import DecodeConfig, caption_images  # noqa: E402
 from hw3.p2.inference import encoded_batches  # noqa: E402
@@ -45,7 +45,7 @@ def main():
     args = parser.parse_args()
 
     model = load_captioner(args.checkpoint, args.decoder_bin, args.device, args.encoder)
-    paths = list_image_files(args.images, CAPTION_IMAGE_SUFFIXES)
+    paths = list_image_files(args.images)
     batches = [(names, tokens) for names, tokens, _ in
                encoded_batches(model, paths, args.batch_size, args.workers, args.device, "encoding") if names]
     scorer = ClipScorer.load(args.clip_model, args.device)

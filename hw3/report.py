@@ -19,7 +19,7 @@ from PIL import Image
 
 from hw3.common.errors import UserError
 from hw3.common.figures import show_picture
-from hw3.common.files import write_atomically
+from hw3.common.files import check_writable, write_atomically
 from hw3.toy.world import ToyWorld
 
 METHODS = ("adapter", "prefix", "lora")
@@ -416,6 +416,7 @@ def p3_analysis_page(inputs: Inputs) -> Figure:
 def build_report(p1_dir, p2_runs, p3_dir, out, toy_world=None) -> int:
     """Writes the report to `out` (whole, or not at all) and returns its page count; raises ReportError listing the
     missing or malformed inputs."""
+    check_writable(out)
     inputs = collect_inputs(Path(p1_dir), Path(p2_runs), Path(p3_dir), Path(toy_world) if toy_world else None)
     p3_path, p3 = inputs.p3_images
     tl_path, tl = inputs.top_last
@@ -431,5 +432,3 @@ def build_report(p1_dir, p2_runs, p3_dir, out, toy_world=None) -> int:
                 pdf.savefig(page)
     write_atomically(out, write_pdf)
     return len(pages)
-
-

@@ -295,7 +295,7 @@ def test_cli_draws_every_image_and_the_top_and_last_of_a_scores_csv(toy_world_sm
     assert p3_attention(str(val), *model_options(world, toy_checkpoint), "--layer", "5") == EXIT_USER_ERROR
     assert "one of the cross-attention layers [0, 1]" in capsys.readouterr().err
     assert p3_attention(str(tmp_path), *model_options(world, toy_checkpoint)) == EXIT_USER_ERROR
-    assert f"no .jpg/.png images in {tmp_path}" in capsys.readouterr().err
+    assert f"no image files in {tmp_path}" in capsys.readouterr().err
 
 
 def test_grounding_cli_writes_a_per_layer_table_and_auto_layer_uses_it(toy_world_small, toy_checkpoint, tmp_path):

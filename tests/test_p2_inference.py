@@ -102,7 +102,8 @@ def test_unreadable_files_get_an_entry_and_other_files_are_ignored(toy_world_sma
 def checkpoint_error(toy_world_small, checkpoint, tmp_path, capsys) -> str:
     """The error p2_inference.py exits with (in-process: faster than the script): exit status 2, one
     `p2_inference.py: error:` message, no traceback, no output file."""
-    argv = [str(tmp_path), str(tmp_path / "pred.json"), str(toy_world_small / "decoder_model.bin"),
+    (tmp_path / "images").mkdir(exist_ok=True)
+    argv = [str(tmp_path / "images"), str(tmp_path / "pred.json"), str(toy_world_small / "decoder_model.bin"),
             *map(str, toy_options(toy_world_small, checkpoint))]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: p2_inference.main(argv), "p2_inference.py")

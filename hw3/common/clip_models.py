@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision import transforms
 
 from hw3.common.errors import UserError
+from hw3.common.files import load_state_dict_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,10 +50,8 @@ def load_clip(name_or_path: str, device="cpu") -> Tuple[CLIP, Callable[[Image.Im
     if name_or_path in clip.available_models():  # checked first: "ViT-B/32" contains a path separator
         model, _ = clip.load(name_or_path, device=device, jit=False)
     elif is_local_checkpoint(name_or_path):
-        if not os.path.isfile(name_or_path):
-            raise UserError(f"CLIP checkpoint not found: {name_or_path}")
-        state_dict = torch.load(name_or_path, map_location="cpu")
-        if not isinstance(state_dict, dict) or "visual.conv1.weight" not in state_dict:
+        state_dict = load_state_dict_file(name_or_path, "a CLIP state_dict in OpenAI CLIP's layout")
+        if "visual.conv1.weight" not in state_dict:
             raise UserError(f"{name_or_path} is not a state_dict in OpenAI CLIP's layout (no visual.conv1.weight)")
         model = build_model(state_dict).to(device)  # build_model casts to fp16, like the released weights
     else:

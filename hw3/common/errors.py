@@ -16,7 +16,11 @@ class UserError(ValueError):
 
 def run_cli(main: Callable[[], Any], prog: str) -> None:
     """Runs `main()` and exits with its return value when that is an int, else 0; a UserError or OSError ends in
-    one line on stderr and exit status EXIT_USER_ERROR, without a traceback."""
+    one line on stderr and exit status EXIT_USER_ERROR, without a traceback. Printing never fails on a file name
+    that is not valid UTF-8."""
+    for stream in (sys.stdout, sys.stderr):  # file names that are not valid UTF-8 print as \x.. escapes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         status = main()
     except (UserError, OSError) as error:

@@ -1,8 +1,22 @@
-"""Small file helpers shared by every problem: checksums, whole-or-nothing writes, prediction keys."""
+"""Small file helpers shared by every problem: checksums, whole-or-nothing writes, early checks of output paths,
+reading JSON and PyTorch files with errors that name the file, prediction keys.
+
+Names that are not valid UTF-8 (e.g. from a zip made on another system) reach Python as strings with "surrogate
+escapes" (os.fsdecode). Text outputs keep them exactly: CSV files are written with errors="surrogateescape" (the
+file name's own bytes), JSON with ASCII escapes (json.load gives back the very string the file system gave).
+"""
+import csv
 import hashlib
+import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from hw3.common.errors import UserError
 
 
 def sha256_file(path) -> str:
@@ -14,9 +28,26 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
+def check_writable(path, kind: str = "file") -> None:
+    """Raises UserError unless `path` can be written as a `kind` ("file" or "folder") later: run it before the work,
+    so a bad output path fails in a second, not after an hour. Missing parents are fine (they are created)."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise UserError(f"output {path} is a folder: give a file path")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise UserError(f"output folder {path} is a file: give a folder path")
+    ancestor = path.parent if kind == "file" else path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: no write permission in {ancestor}")
+
+
 def write_atomically(path, write: Callable[[str], None]) -> None:
-    """write(temporary path) beside `path`, then one atomic rename: an interruption never leaves a half-written
-    file at `path`. Creates the parent folder."""
+    """write(temporary path) beside `path`, then one atomic rename: an interruption or a failing `write` never leaves
+    a half-written file at `path` (a previous file there stays as it was). Creates the parent folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
@@ -33,6 +64,61 @@ def write_text_atomically(path, text: str) -> None:
         with open(temporary, "w", encoding="utf-8") as file:
             file.write(text)
     write_atomically(path, write)
+
+
+def write_json_atomically(path, data: Any, **options) -> None:
+    """JSON with ASCII escapes for anything outside ASCII, so every string, file names with surrogate escapes
+    included, loads back exactly."""
+    write_text_atomically(path, json.dumps(data, ensure_ascii=True, **options))
+
+
+def write_csv_atomically(path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """A UTF-8 CSV whose cells keep non-UTF-8 file names as their original bytes (surrogateescape)."""
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="", encoding="utf-8", errors="surrogateescape") as file:
+            writer = csv.writer(file)
+            writer.writerow(header)
+            writer.writerows(rows)
+    write_atomically(path, write)
+
+
+def read_json(path, what: str = "JSON file") -> Any:
+    """The parsed file; a missing, unreadable, cut-off or wrongly encoded one raises UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): save the {what} as "
+                        "UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}; a "
+                        f"cut-off download?): expected a {what}") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def load_torch_file(path, what: str) -> Any:
+    """What torch.save wrote to `path`, loaded on the CPU. A missing file, an HTML page from a failed download,
+    random bytes or a cut-off file raises UserError naming the file and what it is not."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu")
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, TypeError,
+            AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not {what}: PyTorch cannot load it ({type(error).__name__}: "
+                        f"{str(error)[:200]})") from None
+
+
+def load_state_dict_file(path, what: str) -> dict:
+    """A PyTorch file holding a dict of tensors (a state_dict); anything else (see load_torch_file, and a pickled
+    list or any other object) raises UserError naming the file and what it is not."""
+    state_dict = load_torch_file(path, what)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError(f"{path} is not {what}: it holds a {type(state_dict).__name__}, not a dict of tensors")
+    return state_dict
 
 
 def image_key(file_name: str) -> str:

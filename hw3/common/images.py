@@ -9,11 +9,17 @@ pixels everywhere. The choices, made once:
 - Every mode becomes 8-bit RGB: 16/32-bit grey is scaled (not clipped) to 8 bits, transparency is composited on
   white, palette, CMYK and grey images are converted by PIL.
 The scorer (hw3/p2/metrics.py) deliberately reads images exactly as the course's p2_evaluate.py does instead.
+
+Which files of a folder are images is decided once too, for P1 and P2 alike: those whose suffix PIL can read
+(IMAGE_SUFFIXES: .png, .jpg/.jpeg, .webp, .bmp, .gif, .tif ...). Every other entry is skipped with a warning line
+naming it (so a stray notes.txt or .DS_Store never becomes a prediction key), and a file with an image suffix that
+does not decode is reported by the CLI that reads it.
 """
 import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +30,9 @@ from hw3.common.errors import UserError
 
 # Accept big photos (PIL's default bomb guard starts warning at 89M pixels); beyond this they are reported as bad.
 Image.MAX_IMAGE_PIXELS = 500_000_000
-CAPTION_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what hw3_2.sh and P3 caption in a folder
+Image.init()  # registers every format PIL has, so the list below is complete
+IMAGE_SUFFIXES = tuple(sorted(suffix for suffix, format in Image.registered_extensions().items()
+                              if format in Image.OPEN))
 _WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
@@ -44,13 +52,20 @@ def open_image(path) -> Image.Image:
         return image.convert("RGB")
 
 
-def list_image_files(folder, suffixes: Optional[Sequence[str]] = None) -> List[Path]:
-    """The regular files directly in `folder`, sorted by name; only those ending in `suffixes` (any case) when
-    given. Whether a file really is an image is found out when it is read."""
+def list_image_files(folder) -> List[Path]:
+    """The files directly in `folder` with an image suffix (any case), sorted by name. Every other entry
+    (other files, subfolders) gets a warning line on stderr. Whether a file really decodes is found out when it is
+    read."""
     if not os.path.isdir(folder):
         raise UserError(f"image folder not found: {folder}")
-    return sorted(path for path in Path(folder).iterdir()
-                  if path.is_file() and (suffixes is None or path.suffix.lower() in suffixes))
+    images = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        else:
+            kind = "a folder" if path.is_dir() else "not an image by its suffix"
+            print(f"warning: skipped {path.name} ({kind})", file=sys.stderr)
+    return images
 
 
 class ImageReadError(UserError):

@@ -14,8 +14,6 @@ output folder (--out-dir):
   analysis.md                 the main setting's accuracy, worst classes and most confused pairs
   summary.json                settings, device, skipped files and the paths above
 """
-import csv
-import json
 import random
 import sys
 import time
@@ -33,6 +31,8 @@ from tqdm import tqdm  # noqa: E402
 
 from hw3.common.clip_models import load_clip  # noqa: E402
 from hw3.common.errors import UserError  # noqa: E402
+from hw3.common.files import (check_writable, write_atomically, write_csv_atomically,  # noqa: E402
+                              write_json_atomically, write_text_atomically)
 from hw3.common.figures import show_picture  # noqa: E402
 from hw3.common.images import list_image_files, open_image  # noqa: E402
 from hw3.p1.prompts import (ENSEMBLE_SETS, PHOTO_PROMPT, REQUIRED_PROMPTS, TEMPLATE_SETS, class_names,  # noqa: E402
@@ -79,13 +79,6 @@ def labelled_files(paths: Sequence[Path], class_ids: Sequence[str]) -> Tuple[Lis
     return kept, targets
 
 
-def write_table(path: Path, header: Sequence[str], rows: Sequence[Sequence]):
-    with open(path, "w", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -117,7 +110,7 @@ def plot_top5(out_path: Path, samples: Sequence[Path], probabilities: torch.Tens
             bar_axis.text(min(p, 0.85) + 0.01, y, f"{p:.3f}", va="center", fontsize=8)
     axes[-1][1].set_xlabel("probability (softmax over the classes)", fontsize=9)
     figure.tight_layout()
-    figure.savefig(out_path, dpi=150)
+    write_atomically(out_path, lambda path: figure.savefig(path, dpi=150, format="png"))
     plt.close(figure)
     return records
 
@@ -215,7 +208,7 @@ def write_report(image_dir: str, id2label_path: str, config: ClassifierConfig, o
     settings = report_settings(ensembles)
     settings += [main] if main not in settings else []
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "folder")
     print(f"report on {len(paths)} labelled images, {len(settings)} prompt settings, models "
           f"{' + '.join(config.models)}, device {config.device}")
 
@@ -230,44 +223,45 @@ def write_report(image_dir: str, id2label_path: str, config: ClassifierConfig, o
         "top5.png", "top5.json", "analysis.md", "summary.json")}
 
     rows = accuracy_rows(runs, settings, targets_tensor, ok)
-    write_table(files["accuracy.csv"], ACCURACY_HEADER, rows)
-    files["accuracy.md"].write_text(
+    write_csv_atomically(files["accuracy.csv"], ACCURACY_HEADER, rows)
+    write_text_atomically(
+        files["accuracy.md"],
         f"Zero-shot accuracy on {int(ok.sum())} images of {image_dir} (device {config.device}). image_seconds: "
         "encoding the images (data loading included; with flip, the mirror images too); text_seconds: encoding "
-        "that setting's prompts.\n\n" + markdown_table(ACCURACY_HEADER, rows), encoding="utf-8")
+        "that setting's prompts.\n\n" + markdown_table(ACCURACY_HEADER, rows))
 
     logits = ensemble_logits(runs, main, config.flip)
     predicted = logits.argmax(1)
     readable = ok.nonzero().flatten().tolist()
-    write_table(files["predictions.csv"], ["filename", "label", "predicted", "correct"],
-                [[paths[i].name, class_ids[targets[i]], class_ids[predicted[i]], yes_no(predicted[i] == targets[i])]
-                 for i in readable])
+    write_csv_atomically(files["predictions.csv"], ["filename", "label", "predicted", "correct"],
+                         [[paths[i].name, class_ids[targets[i]], class_ids[predicted[i]],
+                           yes_no(predicted[i] == targets[i])] for i in readable])
     per_class, confusions, matrix = class_analysis(predicted[ok].numpy(), targets_tensor[ok].numpy(), labels,
                                                    class_ids, top_confusions)
-    write_table(files["per_class.csv"], ["class_id", "class_name", "images", "correct", "accuracy"], per_class)
+    write_csv_atomically(files["per_class.csv"], ["class_id", "class_name", "images", "correct", "accuracy"], per_class)
     confusion_header = ["true_id", "true_name", "predicted_id", "predicted_name", "count", "percent_of_true_class"]
-    write_table(files["confusions.csv"], confusion_header, confusions)
-    write_table(files["confusion_matrix.csv"], ["true \\ predicted"] + class_ids,
-                [[class_ids[c]] + matrix[c].tolist() for c in range(len(labels))])
+    write_csv_atomically(files["confusions.csv"], confusion_header, confusions)
+    write_csv_atomically(files["confusion_matrix.csv"], ["true \\ predicted"] + class_ids,
+                         [[class_ids[c]] + matrix[c].tolist() for c in range(len(labels))])
 
     drawn = sorted(random.Random(seed).sample(readable, min(samples, len(readable))))
     top5 = plot_top5(files["top5.png"], [paths[i] for i in drawn], logits[drawn].softmax(-1),
                      [targets[i] for i in drawn], labels)
-    files["top5.json"].write_text(json.dumps(top5, indent=2), encoding="utf-8")
+    write_json_atomically(files["top5.json"], top5, indent=2)
 
     accuracy = 100 * (predicted == targets_tensor)[ok].float().mean().item()
     main_description = (f"prompt `{main.name}` ({len(main.templates)} templates), synonyms {yes_no(main.synonyms)}, "
                         f"models {' + '.join(r.name for r in runs)}, flip {yes_no(config.flip)}")
-    files["analysis.md"].write_text(
+    write_text_atomically(
+        files["analysis.md"],
         f"Main setting: {main_description}: accuracy {accuracy:.2f}% on {len(readable)} images.\n\n"
         "Worst classes:\n\n" + markdown_table(["class_id", "class_name", "images", "correct", "accuracy"],
                                               per_class[:10])
-        + "\nMost confused pairs (true -> predicted):\n\n" + markdown_table(confusion_header, confusions[:10]),
-        encoding="utf-8")
+        + "\nMost confused pairs (true -> predicted):\n\n" + markdown_table(confusion_header, confusions[:10]))
     summary = {"main_setting": {"prompt": main.name, "templates": list(main.templates), "synonyms": main.synonyms,
                                 "models": list(config.models), "flip": config.flip, "accuracy": accuracy},
                "images": len(paths), "readable_images": len(readable), "skipped": errors, "device": config.device,
                "seed": seed, "samples": [paths[i].name for i in drawn],
                "files": {name: str(path) for name, path in files.items()}}
-    files["summary.json"].write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_json_atomically(files["summary.json"], summary, indent=2)
     return [f"main setting: {main_description}: accuracy {accuracy:.2f}%"] + [f"wrote {p}" for p in files.values()]

@@ -10,8 +10,6 @@ CIFAR-100, whose classes these are; ViT-L/14@336px scores lower there, 74.4% vs 
 benchmark), the CLIP paper's 18 CIFAR templates (82.5% vs 81.4% for "a photo of a {object}." on this val set in
 public reports), and the mirror-image average. hw3/p1/analysis.py measures every alternative on labelled images.
 """
-import csv
-import json
 import os
 import sys
 import time
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from hw3.common.clip_models import load_clip
 from hw3.common.errors import UserError
+from hw3.common.files import check_writable, read_json, write_csv_atomically
 from hw3.common.images import ReadableImageFiles, list_image_files
 from hw3.p1.prompts import class_names, prompts_for_class, resolve_templates
 
@@ -46,13 +45,7 @@ class ClassifierConfig:
 
 def load_id2label(path: str) -> Dict[str, str]:
     """{class id: class name}, ordered by numeric id when the ids are numbers."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            id2label = json.load(file)
-    except FileNotFoundError:
-        raise UserError(f"id2label file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read {path} as JSON ({error})") from None
+    id2label = read_json(path, "id2label file")
     if not isinstance(id2label, dict) or not id2label:
         raise UserError(f"{path} must be a non-empty JSON object like {{\"0\": \"bicycle\", ...}}")
     bad = [key for key, name in id2label.items() if not isinstance(name, str) or not name.strip()]
@@ -163,19 +156,16 @@ def classify(paths: Sequence[Path], labels: Sequence[str],
 
 
 def write_predictions(path: str, filenames: Sequence[str], labels: Sequence[str]):
-    """CSV `filename,label`; creates the parent folder."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file)
-        writer.writerow(["filename", "label"])
-        writer.writerows(zip(filenames, labels))
+    """CSV `filename,label`, whole or not at all, file names exactly as on disk; creates the parent folder."""
+    write_csv_atomically(path, ["filename", "label"], zip(filenames, labels))
 
 
 def predict_folder(image_dir: str, id2label_path: str, output_csv: str, config: ClassifierConfig) -> str:
     """Classifies every file directly in `image_dir` into `output_csv` (`filename,label`, label = class id).
     Unreadable files are left out and reported on stderr. Returns a one-line summary."""
+    check_writable(output_csv)
     id2label = load_id2label(id2label_path)
-    paths = list_image_files(image_dir)  # every file: whether it is an image is found out when it is read
+    paths = list_image_files(image_dir)  # by suffix; whether a file decodes is found out when it is read
     if not paths:
         print(f"warning: no files in {image_dir}", file=sys.stderr)
     start = time.perf_counter()

@@ -26,7 +26,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from hw3.common.errors import UserError
-from hw3.common.files import image_key
+from hw3.common.files import image_key, read_json, write_text_atomically
 from hw3.common.images import ImageFiles
 from hw3.p2.encoder import ImageEncoder
 from tokenizer import BPETokenizer, make_caption_batch
@@ -51,9 +51,8 @@ class CaptionSplit:
 def read_split(annotation_file: str, images_root: str) -> CaptionSplit:
     """Reads a course annotation file ({"images": [{file_name, id}], "annotations": [{caption, image_id}]}). Keeps
     the images with at least one caption, as the course's scorer does."""
+    data = read_json(annotation_file, "caption annotation file")
     try:
-        with open(annotation_file) as f:
-            data = json.load(f)
         file_names = {image["id"]: image["file_name"] for image in data["images"]}
         captions: Dict[int, List[str]] = {}
         for annotation in data["annotations"]:
@@ -61,7 +60,7 @@ def read_split(annotation_file: str, images_root: str) -> CaptionSplit:
                 raise UserError(f"{annotation_file}: annotation {annotation.get('id')} names unknown image_id "
                                 f"{annotation['image_id']}")
             captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+    except (KeyError, TypeError) as error:
         raise UserError(f"{annotation_file} is not a course caption file: {error!r}") from error
     ids = [image_id for image_id in file_names if image_id in captions]
     if not ids:
@@ -137,8 +136,8 @@ def feature_cache(encoder: ImageEncoder, paths: Sequence[str], cache_dir: str, d
         start += len(tokens)
     features.flush()
     del features
-    with open(os.path.join(cache_dir, f"features-{digest}.json"), "w") as f:
-        json.dump(dict(description, shape=list(shape), dtype="float16"), f)
+    write_text_atomically(os.path.join(cache_dir, f"features-{digest}.json"),
+                          json.dumps(dict(description, shape=list(shape), dtype="float16")))
     os.replace(partial, path)  # atomic: a half-written cache is never picked up
     return FeatureCache(path)
 

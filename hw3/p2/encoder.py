@@ -28,6 +28,7 @@ from clip.model import VisionTransformer
 from torchvision import transforms
 
 from hw3.common.clip_models import clip_transform, is_local_checkpoint, load_clip
+from hw3.common.errors import UserError
 
 # name: (image_size, patch_size, width, layers) of the OpenAI CLIP ViTs, to build them with random weights (tests)
 CLIP_VITS = {"ViT-B/32": (224, 32, 768, 12), "ViT-B/16": (224, 16, 768, 12), "ViT-L/14": (224, 14, 1024, 24),
@@ -37,7 +38,8 @@ CLIP_VITS = {"ViT-B/32": (224, 32, 768, 12), "ViT-B/16": (224, 16, 768, 12), "Vi
 def blocks_up_to(blocks: nn.Sequential, layer: int) -> nn.Sequential:
     """The first blocks of `blocks`, up to and including index `layer` (Python-style, -1: all)."""
     if not -len(blocks) <= layer < len(blocks):
-        raise ValueError(f"encoder layer {layer} out of range for {len(blocks)} blocks")
+        raise UserError(f"encoder layer {layer} out of range for {len(blocks)} blocks (model.encoder_layer: "
+                        f"-{len(blocks)} to {len(blocks) - 1})")
     return blocks[:layer % len(blocks) + 1]
 
 

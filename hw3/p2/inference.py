@@ -1,14 +1,13 @@
 """Problem 2 inference: caption every image of a folder with the trained captioner (what hw3_2.sh runs).
 
     model = load_captioner(checkpoint, "decoder_model.bin", device)       # hw3.p2.checkpoint
-    captions, errors = caption_files(model, list_image_files(folder, CAPTION_IMAGE_SUFFIXES), DecodeConfig())
+    captions, errors = caption_files(model, list_image_files(folder), DecodeConfig())
     write_predictions("out.json", stem_keyed(captions))                   # {file stem: caption}
 
 Images are read by hw3.common.images (the reader training and validation use), preprocessed by the encoder's own
 transform and decoded by hw3.p2.generation (batched beam search with the key/value cache). A file that cannot be
 read is reported and captioned FALLBACK_CAPTION, so the scorer's check that every image has a caption still holds.
 """
-import json
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple
@@ -17,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from hw3.common.files import image_key, write_text_atomically
+from hw3.common.files import image_key, write_json_atomically
 from hw3.common.images import ReadableImageFiles
 from hw3.p2.generation import DecodeConfig, autocast_for, caption_images
 from hw3.p2.model import CaptionModel
@@ -72,5 +71,6 @@ def stem_keyed(captions: Dict[str, str]) -> Dict[str, str]:
 
 
 def write_predictions(path: str, predictions: Dict[str, str]) -> None:
-    """The prediction JSON, whole or not at all; creates the parent folder."""
-    write_text_atomically(path, json.dumps(predictions, indent=1, ensure_ascii=False, sort_keys=True))
+    """The prediction JSON, whole or not at all (ASCII escapes: a key from a file name that is not valid UTF-8
+    loads back as the very string the file system gave); creates the parent folder."""
+    write_json_atomically(path, predictions, indent=1, sort_keys=True)

@@ -11,7 +11,6 @@ as 2.5 * max(cos, 0) between CLIP ViT-B/32 embeddings of one image and its bare 
 (tests check it against pycocoevalcap's `Cider` to 1e-9); tokenisation is pycocoevalcap's own PTBTokenizer, so a
 missing Java is an error rather than a silently different number. Nothing here is on the grading path.
 """
-import json
 import math
 import os
 import re
@@ -28,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hw3.common.errors import UserError
-from hw3.common.files import image_key
+from hw3.common.files import image_key, read_json
 from hw3.common.images import ImageFiles, ImageReadError
 
 
@@ -45,12 +44,16 @@ def load_references(annotation_file: str) -> Tuple[Dict[str, List[str]], Dict[st
 
     Like the course's scorer, the images that count are those with at least one caption.
     """
-    with open(annotation_file) as f:
-        annotations = json.load(f)
-    file_names = {image["id"]: image["file_name"] for image in annotations["images"]}
-    references = defaultdict(list)
-    for annotation in annotations["annotations"]:
-        references[image_key(file_names[annotation["image_id"]])].append(annotation["caption"])
+    annotations = read_json(annotation_file, "caption annotation file")
+    try:
+        file_names = {image["id"]: image["file_name"] for image in annotations["images"]}
+        references = defaultdict(list)
+        for annotation in annotations["annotations"]:
+            references[image_key(file_names[annotation["image_id"]])].append(annotation["caption"])
+    except (KeyError, TypeError) as error:
+        raise ScoringError(f"{annotation_file} is not a COCO-style caption file ({type(error).__name__}: {error}): "
+                           "expected {\"images\": [{\"file_name\", \"id\"}], \"annotations\": [{\"caption\", "
+                           "\"image_id\"}]}") from None
     key_to_file = {image_key(name): name for name in file_names.values()}
     return dict(references), {key: key_to_file[key] for key in references}
 
@@ -80,6 +83,32 @@ def check_predictions(predictions, reference_keys, allow_subset: bool = False) -
 
 # -----------------------------------------------------------------------------
 # tokenisation
+
+# Characters the Java PTB tokenizer takes as line breaks (measured with pycocoevalcap's PTBTokenizer: "\n" is
+# replaced by a space before Java sees it, U+0085 and U+001C are harmless). A caption holding one splits into two
+# lines, so every later caption is paired with the wrong image's line and other images' CIDEr changes.
+PTB_LINE_BREAKS = "\r\x0b\x0c\u2028\u2029"
+
+
+def images_with_ptb_line_breaks(predictions: Dict[str, str], references: Dict[str, List[str]]) -> List[str]:
+    """The keys of the predicted images whose caption, or one of whose references, holds a PTB_LINE_BREAKS
+    character."""
+    def breaks(text: str) -> bool:
+        return any(c in text for c in PTB_LINE_BREAKS)
+    return sorted(key for key in predictions
+                  if breaks(predictions[key]) or any(breaks(ref) for ref in references.get(key, [])))
+
+
+def warn_of_ptb_line_breaks(predictions: Dict[str, str], references: Dict[str, List[str]]) -> None:
+    """A loud warning naming the images whose captions shift the PTB tokenizer's lines. The score is left exactly
+    as the course's scorer computes it (with the same flaw): nothing is changed, only said."""
+    keys = images_with_ptb_line_breaks(predictions, references)
+    if keys:
+        warnings.warn(f"{len(keys)} images have a prediction or reference caption with a character the PTB "
+                      "tokenizer (Java) takes as a line break (\\r, \\x0b, \\x0c, U+2028 or U+2029): its lines "
+                      "shift, so the CIDEr of OTHER images changes too. The number is kept identical to the course "
+                      f"scorer's, which has the same flaw; replace those characters by spaces to score fairly. "
+                      f"Images: {keys[:20]}{' ...' if len(keys) > 20 else ''}", stacklevel=3)
 
 
 def ptb_tokenize(captions: Dict[str, List[str]]) -> Dict[str, List[str]]:
@@ -300,6 +329,7 @@ def score_captions(predictions: Dict[str, str], annotation_file: str, images_roo
     """
     references, file_names = load_references(annotation_file)
     check_predictions(predictions, references, allow_subset)
+    warn_of_ptb_line_breaks(predictions, references)
     start = time.time()
     candidates, tokenized_refs = tokenize_for_scoring(predictions, references, tokenizer)
     cider, cider_per_image = cider_d_tokenized(candidates, tokenized_refs)

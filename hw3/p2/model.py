@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 from decoder import Decoder, GPTConfig, KeyValue, attention, gpt2_parameter_names
+from hw3.common.errors import UserError
+from hw3.common.files import load_state_dict_file
 from hw3.p2.encoder import ImageEncoder, load_image_encoder
 from hw3.p2.peft import PEFT_KINDS, PrefixTuning, add_adapters, add_lora
 
@@ -190,6 +192,16 @@ class CaptionModel(nn.Module):
                 if block.cross_attn is not None and block.cross_attn.attention_weights is not None}
 
 
+def load_decoder(path: str, **config_overrides) -> Decoder:
+    """GPT-2 from the course's decoder_model.bin (sizes from the file, `config_overrides` e.g. dropout); a file
+    that is not one raises UserError naming it."""
+    state_dict = load_state_dict_file(path, "a GPT-2 state_dict in the course's decoder_model.bin format")
+    try:
+        return Decoder.from_state_dict(state_dict, **config_overrides)
+    except (KeyError, ValueError) as error:  # GPT-2's keys missing, or of other shapes
+        raise UserError(f"{path}: {error.args[0]}") from None
+
+
 def build_caption_model(config: CaptionConfig, decoder_weights: Optional[str], device="cpu",
                         pretrained_encoder: bool = True, encoder: Optional[str] = None) -> CaptionModel:
     """A new CaptionModel: encoder `encoder or config.encoder` (pretrained=False: random weights, for tests),
@@ -198,8 +210,7 @@ def build_caption_model(config: CaptionConfig, decoder_weights: Optional[str], d
     if decoder_weights is None:
         decoder = Decoder(config.decoder)
     else:
-        decoder = Decoder.from_course_file(decoder_weights, n_head=config.decoder.n_head,
-                                           dropout=config.decoder.dropout)
+        decoder = load_decoder(decoder_weights, n_head=config.decoder.n_head, dropout=config.decoder.dropout)
     return CaptionModel(config, image_encoder, decoder).to(device)
 
 

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from hw3.common.errors import UserError  # noqa: E402
-from hw3.common.files import write_atomically, write_text_atomically  # noqa: E402
+from hw3.common.files import load_torch_file, write_atomically, write_text_atomically  # noqa: E402
 from hw3.p2.checkpoint import count_checkpoint_params, save_trainable  # noqa: E402
 from hw3.p2.config import DataPaths  # noqa: E402
 from hw3.p2.model import CaptionModel, count_trainable  # noqa: E402
@@ -37,7 +37,60 @@ def saved_config(out: str) -> dict:
     path = os.path.join(out, "resume.pt")
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume: {path} does not exist")
-    return torch.load(path, map_location="cpu")["config"]
+    return load_resume_state(path)["config"]
+
+
+def load_resume_state(path) -> dict:
+    """resume.pt: {optimizer, scheduler, scaler, progress, config}; another file raises UserError naming it."""
+    state = load_torch_file(path, "a p2_train.py resume.pt")
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "scaler", "progress", "config"} <= set(state):
+        raise UserError(f"{path} is not a p2_train.py resume.pt (no optimizer/progress/config state)")
+    return state
+
+
+# Set by training from the data (the decoder file's sizes, the encoder's path), not asked for: two configs that
+# differ only here ask for the same run.
+DERIVED_FIELDS = ("out", "model.encoder", "model.decoder.n_layer", "model.decoder.n_head", "model.decoder.n_embd",
+                  "model.decoder.vocab_size", "model.decoder.block_size")
+
+
+def requested(config: dict) -> dict:
+    """The config dict without DERIVED_FIELDS, flattened to dotted keys."""
+    flat = {}
+
+    def walk(values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+    walk(config, "")
+    return {key: value for key, value in flat.items() if key not in DERIVED_FIELDS}
+
+
+def finished_run(out: str, config: dict) -> Optional[dict]:
+    """Before a new (not resumed) run writes to `out`: the summary of the finished run already there when it was
+    trained with the same config (nothing to do), None when `out` holds no run. Raises UserError when `out` holds a
+    run it would replace: an unfinished one, or one trained with another config."""
+    files = RunFiles(out)
+    existing = [path.name for path in (files.best, files.last, files.resume, files.summary) if path.is_file()]
+    if not existing:
+        return None
+    choices = f"choose a new --out, or pass --overwrite to replace the run in {out}"
+    try:
+        summary = json.loads(files.summary.read_text())
+        saved = load_resume_state(files.resume)["config"]
+    except (OSError, ValueError):  # UserError is a ValueError
+        raise UserError(f"{out} holds the files of a run ({', '.join(existing)}) that cannot be read back: "
+                        f"{choices}") from None
+    if not summary.get("finished_at"):
+        raise UserError(f"{out} holds an unfinished run: continue it with `--resume --out {out}`, or {choices}")
+    differ = sorted(key for key in set(requested(saved)) | set(requested(config))
+                    if requested(saved).get(key) != requested(config).get(key))
+    if differ:
+        raise UserError(f"{out} holds a run finished at {summary['finished_at']} with another config (differs in "
+                        f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}): {choices}")
+    return summary
 
 
 class RunFiles:
@@ -45,12 +98,13 @@ class RunFiles:
         self.out, self.active = Path(out), active
         self.best, self.last = self.out / "best.safetensors", self.out / "last.safetensors"
         self.resume, self.log_path = self.out / "resume.pt", self.out / "log.jsonl"
+        self.summary = self.out / "summary.json"
         self.records = []
 
     def load_resume(self) -> dict:
         if not (self.resume.is_file() and self.last.is_file()):
             raise UserError(f"nothing to resume in {self.out}: need last.safetensors and resume.pt")
-        return torch.load(self.resume, map_location="cpu")
+        return load_resume_state(self.resume)
 
     def restore_log(self, step: int) -> None:
         """Keeps the log lines up to the resumed step (later ones belong to work that was not saved)."""
@@ -63,7 +117,7 @@ class RunFiles:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text_atomically(self.out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         print(f"run folder: {self.out} (data: {paths.description}; config: {config_file or 'resumed'})",
               flush=True)
 
@@ -97,7 +151,7 @@ class RunFiles:
             "finished_at": datetime.datetime.now().isoformat(timespec="seconds") if finished else None,
         }
         if self.active:
-            write_text_atomically(self.out / "summary.json", json.dumps(summary, indent=1))
+            write_text_atomically(self.summary, json.dumps(summary, indent=1))
             self.plot()
         return summary
 

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from decoder import Decoder
+from hw3.common.files import check_writable
 from hw3.common.images import ImageFiles
 from hw3.p2.checkpoint import load_trainable, read_checkpoint
 from hw3.p2.config import DataPaths, TrainConfig
@@ -40,9 +40,9 @@ from hw3.p2.data import (CaptionBatch, CaptionDataset, caption_vocabulary, colla
 from hw3.p2.encoder import ImageEncoder, load_image_encoder
 from hw3.p2.generation import autocast_for, caption_images
 from hw3.p2.metrics import ClipScorer, score_captions
-from hw3.p2.model import CaptionModel, parameter_table
+from hw3.p2.model import CaptionModel, load_decoder, parameter_table
 from hw3.p2.optim import VocabularySubset, adamw, warmup_cosine_scheduler
-from hw3.p2.run_files import RunFiles
+from hw3.p2.run_files import RunFiles, finished_run
 from tokenizer import EOT_ID, IGNORE_INDEX, BPETokenizer
 
 
@@ -86,8 +86,8 @@ def build_model(config: TrainConfig, paths: DataPaths, device: torch.device) -> 
     """GPT-2 from the course file, the frozen encoder, the new modules. Returns the model and the config it was
     built with: `config` with model.decoder set to the file's sizes and model.encoder to the encoder used (`config`
     itself is left as it was)."""
-    decoder = Decoder.from_course_file(paths.decoder, dropout=config.model.decoder.dropout,
-                                       layer_norm_eps=config.model.decoder.layer_norm_eps)
+    decoder = load_decoder(paths.decoder, dropout=config.model.decoder.dropout,
+                           layer_norm_eps=config.model.decoder.layer_norm_eps)
     model_config = dataclasses.replace(config.model, decoder=decoder.config, encoder=paths.encoder)
     encoder = load_image_encoder(paths.encoder, device, layer=model_config.encoder_layer)
     return CaptionModel(model_config, encoder, decoder).to(device), dataclasses.replace(config, model=model_config)
@@ -367,6 +367,17 @@ class Trainer:
 
 
 def train(config: TrainConfig, config_file: Optional[str] = None, resume: bool = False,
-          device: Optional[str] = None) -> Optional[dict]:
-    """Trains as `config` says; returns the summary (rank 0) or None (other ranks)."""
+          device: Optional[str] = None, overwrite: bool = False) -> Optional[dict]:
+    """Trains as `config` says; returns the summary (rank 0) or None (other ranks). A new run never replaces
+    another one in config.out unless `overwrite` (hw3.p2.run_files.finished_run); a finished run of the same config
+    is not trained again."""
+    check_writable(config.out, "folder")
+    if not resume and not overwrite:
+        done = finished_run(config.out, config.to_dict())
+        if done is not None:
+            best = f"best val CIDEr {done['best']['CIDEr']:.4f}, epoch {done['best_epoch']}" if done["best"] else \
+                "never validated"
+            print(f"{config.out} already holds this run, finished at {done['finished_at']} ({best}): nothing to "
+                  "do (--overwrite trains it again)")
+            return done
     return Trainer(config, config_file, resume, device).run()

@@ -20,8 +20,9 @@ import torch
 from tqdm import tqdm
 
 from hw3.common.errors import UserError
-from hw3.common.files import sha256_file, write_text_atomically
-from hw3.common.images import CAPTION_IMAGE_SUFFIXES, list_image_files, open_image
+from hw3.common.files import (check_writable, sha256_file, write_atomically, write_csv_atomically,
+                              write_text_atomically)
+from hw3.common.images import list_image_files, open_image
 from hw3.common.manifest import checkpoint_path
 from hw3.p2.checkpoint import load_captioner
 from hw3.p2.generation import DecodeConfig, clean_caption
@@ -58,10 +59,11 @@ class Captioner:
 # ---- which images, which layer ----------------------------------------------------------------------------------
 
 def caption_image_files(folder) -> List[Path]:
-    """The .jpg/.jpeg/.png files directly in `folder`, by name; a UserError when there are none."""
-    paths = list_image_files(folder, CAPTION_IMAGE_SUFFIXES)
+    """The image files directly in `folder` (hw3.common.images.list_image_files), by name; a UserError when there
+    are none."""
+    paths = list_image_files(folder)
     if not paths:
-        raise UserError(f"no .jpg/.png images in {folder}")
+        raise UserError(f"no image files in {folder}")
     return paths
 
 
@@ -125,6 +127,7 @@ def draw_figures(images, captioner: Captioner, out_dir="results/p3", top_last: O
     """Captions the images of folder `images` (with `top_last`: only the CSV's top-1 and last-1, saved as
     top1_NAME.png / last1_NAME.png), draws each caption's attention at `layer` (see choose_layer) and `head` (None:
     the heads' mean), and writes the PNGs and attention.json into `out_dir`. Returns attention.json's content."""
+    check_writable(out_dir, "folder")
     selection = top_and_last(top_last, images) if top_last else [(path, {}) for path in caption_image_files(images)]
     model = captioner.load()
     checkpoint = captioner.checkpoint_file()
@@ -146,7 +149,7 @@ def draw_figures(images, captioner: Captioner, out_dir="results/p3", top_last: O
             title = f"{extra['rank']}: {path.name}, CLIPScore {extra['clip_score']:.4f}\n\"{caption}\""
         figure = plot_caption_attention(result, tokenizer, layer, head, merge_subwords, title=title)
         figure_path = out_dir / f"{prefix}{path.stem}.png"
-        figure.savefig(figure_path, dpi=110)
+        write_atomically(figure_path, lambda path: figure.savefig(path, dpi=110, format="png"))
         words = caption_words(result, tokenizer, merge_subwords)
         records.append({"name": path.stem, "file": str(path), "figure": str(figure_path), "caption": caption,
                         "tokens": result.token_ids, "words": [w for w, _ in words], "ended": result.ended,
@@ -175,6 +178,7 @@ def measure_grounding(world_dir, captioner: Captioner, split: str = "p2_val", li
     """Scores the captions of the first `limit` images (by name; None: all) of a toy world split with
     hw3.p3.grounding, per decoder layer, and writes grounding.csv (the table) and grounding.json (summary, settings)
     into `out_dir`. The decoder and encoder default to the world's. Returns grounding.json's content."""
+    check_writable(out_dir, "folder")
     world = ToyWorld(world_dir).check()
     boxes = json.loads(world.boxes.read_text())
     scenes = boxes["splits"][split]
@@ -201,10 +205,8 @@ def measure_grounding(world_dir, captioner: Captioner, split: str = "p2_val", li
             "seconds": round(time.time() - start, 1), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "grounding.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=grounding.TABLE_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomically(out_dir / "grounding.csv", grounding.TABLE_COLUMNS,
+                         [[row[column] for column in grounding.TABLE_COLUMNS] for row in rows])
     write_text_atomically(out_dir / "grounding.json", json.dumps(info, indent=2))
     print(f"{info['words_scored']} colour/shape words scored on {len(names)} {split} images "
           f"({info['words_absent']} named something absent)")
