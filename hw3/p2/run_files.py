@@ -89,7 +89,8 @@ def finished_run(out: str, config: dict) -> Optional[dict]:
                     if requested(saved).get(key) != requested(config).get(key))
     if differ:
         raise UserError(f"{out} holds a run finished at {summary['finished_at']} with another config (differs in "
-                        f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}): {choices}")
+                        f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}): to train it longer, "
+                        f"`--resume --out {out} --epochs N`; else {choices}")
     return summary
 
 
