@@ -179,25 +179,17 @@ def test_missing_inputs_are_listed_together(tmp_path, capsys):
     assert not (tmp_path / "r.pdf").exists()
 
 
-def test_malformed_summary_is_named(tmp_path, capsys):
+@pytest.mark.parametrize("run, key", [("toy_lora", "checkpoint_params"), ("toy_prefix", "toy_world")])
+def test_malformed_summary_is_named(tmp_path, capsys, run, key):
     folders = fabricate(tmp_path)
-    summary_path = folders["p2"] / "toy_lora" / "summary.json"
+    summary_path = folders["p2"] / run / "summary.json"
     summary = json.loads(summary_path.read_text())
-    del summary["checkpoint_params"]
+    del summary[key]
     summary_path.write_text(json.dumps(summary))
     message = build_error(folders, tmp_path / "r.pdf", capsys)
     assert message.startswith("make_report.py: error: malformed inputs:")
-    assert "toy_lora/summary.json lacks ['checkpoint_params']" in message
+    assert f"{run}/summary.json lacks ['{key}']" in message
     assert not (tmp_path / "r.pdf").exists()
-
-
-def test_summary_without_the_toy_world_key_is_malformed(tmp_path, capsys):
-    folders = fabricate(tmp_path)
-    summary_path = folders["p2"] / "toy_prefix" / "summary.json"
-    summary = json.loads(summary_path.read_text())
-    del summary["toy_world"]
-    summary_path.write_text(json.dumps(summary))
-    assert "toy_prefix/summary.json lacks ['toy_world']" in build_error(folders, tmp_path / "r.pdf", capsys)
 
 
 def test_course_data_summaries_name_no_toy_world(tmp_path, capsys):
