@@ -19,7 +19,7 @@ from PIL import Image
 
 from hw3.common.errors import UserError
 from hw3.common.figures import show_picture
-from hw3.common.files import check_writable, write_atomically
+from hw3.common.files import check_writable, read_json, write_atomically
 from hw3.toy.world import ToyWorld
 
 METHODS = ("adapter", "prefix", "lora")
@@ -72,13 +72,6 @@ class Inputs:
     top_last: Tuple[Path, dict]  # attention.json of the top-1/last-1 val images, read
     grounding: Optional[Tuple[Path, dict]]
     world: Optional[World]
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise ReportError(f"{path} is not valid JSON: {error}") from None
 
 
 def read_csv(path: Path) -> List[dict]:

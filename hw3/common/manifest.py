@@ -7,13 +7,13 @@
 the trained captioner. Reading the manifest happens when a path is needed, never at import time, so a malformed
 checkpoints.json cannot break a script's `--help`.
 """
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import List, Tuple
 
 from hw3.common.errors import UserError
+from hw3.common.files import read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = REPO_ROOT / "checkpoints.json"
@@ -63,8 +63,8 @@ def parse_backbone(entry: dict) -> Backbone:
 
 def load_manifest(path: Path = MANIFEST) -> Tuple[List[Checkpoint], List[Backbone]]:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
+        data = read_json(path, "checkpoint manifest")
+    except UserError as error:
         raise ManifestError(f"cannot read manifest {path}: {error}") from None
     if not isinstance(data, dict) or not isinstance(data.get("checkpoints", []), list) \
             or not isinstance(data.get("backbones", []), list):

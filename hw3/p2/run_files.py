@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from hw3.common.errors import UserError  # noqa: E402
-from hw3.common.files import load_torch_file, write_atomically, write_text_atomically  # noqa: E402
+from hw3.common.files import load_torch_file, read_json, write_atomically, write_text_atomically  # noqa: E402
 from hw3.p2.checkpoint import count_checkpoint_params, save_trainable  # noqa: E402
 from hw3.p2.config import DataPaths  # noqa: E402
 from hw3.p2.model import CaptionModel, count_trainable  # noqa: E402
@@ -78,7 +78,7 @@ def finished_run(out: str, config: dict) -> Optional[dict]:
         return None
     choices = f"choose a new --out, or pass --overwrite to replace the run in {out}"
     try:
-        summary = json.loads(files.summary.read_text())
+        summary = read_json(files.summary, "run summary")
         saved = load_resume_state(files.resume)["config"]
     except (OSError, ValueError):  # UserError is a ValueError
         raise UserError(f"{out} holds the files of a run ({', '.join(existing)}) that cannot be read back: "

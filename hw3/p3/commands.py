@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from hw3.common.errors import UserError
-from hw3.common.files import (check_writable, sha256_file, write_atomically, write_csv_atomically,
+from hw3.common.files import (check_writable, read_json, sha256_file, write_atomically, write_csv_atomically,
                               write_text_atomically)
 from hw3.common.images import list_image_files, open_image
 from hw3.common.manifest import checkpoint_path
@@ -107,10 +107,7 @@ def choose_layer(choice: str, layers: List[int], grounding_json: Optional[str], 
         return int(choice), "given with --layer"
     if not grounding_json:
         return layers[-1], "the last cross-attention layer (no --grounding measurement given)"
-    try:
-        measured = json.loads(Path(grounding_json).read_text())
-    except ValueError as error:
-        raise UserError(f"cannot read {grounding_json} as JSON ({error})") from None
+    measured = read_json(grounding_json, "grounding.json (p3_attention.py grounding)")
     if measured.get("checkpoint_sha256") != sha256_file(checkpoint):
         raise UserError(f"{grounding_json} was measured for another checkpoint ({measured.get('checkpoint')}); "
                         "measure this one with `p3_attention.py grounding` or pass --layer")
@@ -180,7 +177,7 @@ def measure_grounding(world_dir, captioner: Captioner, split: str = "p2_val", li
     into `out_dir`. The decoder and encoder default to the world's. Returns grounding.json's content."""
     check_writable(out_dir, "folder")
     world = ToyWorld(world_dir).check()
-    boxes = json.loads(world.boxes.read_text())
+    boxes = read_json(world.boxes, "toy world boxes.json")
     scenes = boxes["splits"][split]
     names = sorted(scenes)[:limit]
     captioner = dataclasses.replace(captioner, decoder=captioner.decoder or str(world.decoder),
