@@ -102,6 +102,16 @@ def test_cli_help_and_usage_errors(capsys, tmp_path):
     assert "give --config FILE" in cli_error([], capsys)
     assert "nothing to resume" in cli_error(["--resume", "--out", str(tmp_path)], capsys)
     assert "cannot read config" in cli_error(["--config", str(tmp_path / "none.yaml")], capsys)
+    config = str(CONFIGS / "toy_adapter.yaml")
+    for override, message in (("model.adapter_sise=1", "unknown CaptionConfig fields"),
+                              ("model.decoder.dropot=0.1", "unknown decoder (GPTConfig) fields"),
+                              ("model.lora_targets=[x]", "LoRA targets"), ("decode.max_length=5000", "block_size")):
+        argv = ["--config", config, "--set", override, "model.encoder_layer=-1"] + \
+            (["model.peft=[lora]"] if "lora" in override else [])
+        if message in ("LoRA targets", "block_size"):  # checked when the model is built: needs the data
+            world = make_mini_world(tmp_path / override)
+            argv += ["--toy-world", str(world), "--out", str(tmp_path / "runs" / override)]
+        assert message in cli_error(argv, capsys), override
 
 
 # ---- pieces of the loop ---------------------------------------------------------------------------------------------

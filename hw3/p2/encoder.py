@@ -103,10 +103,10 @@ def load_image_encoder(name: str, device="cpu", pretrained: bool = True, layer: 
         model, preprocess = load_clip(name, device)
         visual = model.visual
         if not isinstance(visual, VisionTransformer):
-            raise ValueError(f"{name} is a CLIP ResNet; only ViT encoders give patch tokens here")
+            raise UserError(f"{name} is a CLIP ResNet; only ViT encoders give patch tokens here")
     else:
-        raise ValueError(f"unknown image encoder {name!r}: use one of {list(CLIP_VITS)}, 'timm:<model name>', "
-                         "or the path of a CLIP state_dict")
+        raise UserError(f"unknown image encoder {name!r}: use one of {list(CLIP_VITS)}, 'timm:<model name>', "
+                        "or the path of a CLIP state_dict")
     blocks_up_to(visual.transformer.resblocks, layer)  # checks the range
     patch_size = visual.conv1.kernel_size[0]
     side = visual.input_resolution // patch_size

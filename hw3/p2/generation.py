@@ -126,7 +126,7 @@ def generate(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[Li
         return []
     block_size = model.decoder.config.block_size if hasattr(model, "decoder") else None
     if block_size is not None and config.max_length + 1 > block_size:
-        raise ValueError(f"max_length {config.max_length} + the start token exceeds block_size {block_size}")
+        raise UserError(f"max_length {config.max_length} + the start token exceeds block_size {block_size}")
     with autocast_for(device):  # the image keys/values, once per image (uncached: the tokens, recomputed each step)
         per_image = model.image_context(image_tokens) if config.use_cache else image_tokens
 

@@ -59,14 +59,17 @@ class CaptionConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown CaptionConfig fields: {unknown}")
+            raise UserError(f"unknown CaptionConfig fields: {unknown}")
         values = dict(values)
         if isinstance(values.get("decoder"), dict):
+            unknown = sorted(set(values["decoder"]) - {f.name for f in fields(GPTConfig)})
+            if unknown:
+                raise UserError(f"unknown decoder (GPTConfig) fields: {unknown}")
             values["decoder"] = GPTConfig(**values["decoder"])
         config = cls(**values)
         bad = sorted(set(config.peft) - set(PEFT_KINDS))
         if bad:
-            raise ValueError(f"unknown PEFT kinds {bad}: choose from {PEFT_KINDS}")
+            raise UserError(f"unknown PEFT kinds {bad}: choose from {PEFT_KINDS}")
         return config
 
     @classmethod
@@ -82,7 +85,7 @@ class CrossAttention(nn.Module):
     def __init__(self, n_embd: int, context_width: int, width: int, n_head: int, dropout: float = 0.0):
         super().__init__()
         if width % n_head:
-            raise ValueError(f"cross-attention width {width} is not a multiple of its {n_head} heads")
+            raise UserError(f"cross-attention width {width} is not a multiple of its {n_head} heads")
         self.n_head = n_head
         self.ln_cross = nn.LayerNorm(n_embd)
         self.q_proj = nn.Linear(n_embd, width)
@@ -124,7 +127,7 @@ class CaptionModel(nn.Module):
         super().__init__()
         sizes = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
         if any(getattr(decoder.config, s) != getattr(config.decoder, s) for s in sizes):
-            raise ValueError(f"decoder is {decoder.config}, the caption config expects {config.decoder}")
+            raise UserError(f"decoder is {decoder.config}, the caption config expects {config.decoder}")
         self.config, self.encoder, self.decoder = config, encoder, decoder
         n_embd = decoder.config.n_embd
         self.image_proj = nn.Linear(encoder.width, config.context_width)
@@ -147,8 +150,8 @@ class CaptionModel(nn.Module):
         # The limit applies to the checkpoint; the count while training (prefix MLP) is held to it as well.
         count = max(count_trainable(self), sum(t.numel() for t in trainable_state_dict(self).values()))
         if count >= MAX_TRAINABLE:
-            raise ValueError(f"{count:,} trainable parameters, the limit is < {MAX_TRAINABLE:,}:\n"
-                             f"{parameter_table(self)}")
+            raise UserError(f"{count:,} trainable parameters, the limit is < {MAX_TRAINABLE:,}:\n"
+                            f"{parameter_table(self)}")
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images [B, 3, S, S] -> image tokens [B, N, D] (float32, no gradient)."""

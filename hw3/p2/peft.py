@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from decoder import Decoder, GPTConfig, KeyValue, gelu_tanh
+from hw3.common.errors import UserError
 
 PEFT_KINDS = ("adapter", "prefix", "lora")
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -43,7 +44,7 @@ def add_adapters(decoder: Decoder, bottleneck: int, placement: Sequence[str] = (
     """Adapters in `block.attn_adapter` and/or `block.mlp_adapter` of the given layers (default: all)."""
     unknown = set(placement) - {"attn", "mlp"}
     if unknown or not placement:
-        raise ValueError(f"adapter placement must be a non-empty subset of ('attn', 'mlp'), got {list(placement)}")
+        raise UserError(f"adapter placement must be a non-empty subset of ('attn', 'mlp'), got {list(placement)}")
     for i in _layer_indices(decoder.config, layers):
         block = decoder.transformer.h[i]
         for where in placement:
@@ -106,9 +107,9 @@ def add_lora(decoder: Decoder, rank: int, alpha: float, dropout: float = 0.0,
     `lora.MergedLinear` adapting only the parts named in `qkv` (e.g. "qv", as in the LoRA paper)."""
     unknown = set(targets) - set(LORA_TARGETS)
     if unknown or not targets:
-        raise ValueError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {list(targets)}")
+        raise UserError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {list(targets)}")
     if not qkv or set(qkv) - set("qkv"):
-        raise ValueError(f"qkv must name some of 'q', 'k', 'v', got {qkv!r}")
+        raise UserError(f"qkv must name some of 'q', 'k', 'v', got {qkv!r}")
     for i in _layer_indices(decoder.config, layers):
         block = decoder.transformer.h[i]
         for target in targets:
@@ -133,5 +134,5 @@ def _layer_indices(config: GPTConfig, layers: Optional[Sequence[int]]) -> List[i
         return list(range(config.n_layer))
     bad = [i for i in layers if not 0 <= i < config.n_layer]
     if bad:
-        raise ValueError(f"layer indices {bad} out of range for {config.n_layer} layers")
+        raise UserError(f"layer indices {bad} out of range for {config.n_layer} layers")
     return sorted(set(layers))

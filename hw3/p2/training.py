@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from hw3.common.errors import UserError
 from hw3.common.files import check_writable
 from hw3.common.images import ImageFiles
 from hw3.p2.checkpoint import load_trainable, read_checkpoint
@@ -88,6 +89,9 @@ def build_model(config: TrainConfig, paths: DataPaths, device: torch.device) -> 
     itself is left as it was)."""
     decoder = load_decoder(paths.decoder, dropout=config.model.decoder.dropout,
                            layer_norm_eps=config.model.decoder.layer_norm_eps)
+    if config.decode.max_length + 1 > decoder.config.block_size:  # found now, not at the first validation
+        raise UserError(f"decode.max_length {config.decode.max_length} + the start token exceeds the decoder's "
+                        f"block_size {decoder.config.block_size}")
     model_config = dataclasses.replace(config.model, decoder=decoder.config, encoder=paths.encoder)
     encoder = load_image_encoder(paths.encoder, device, layer=model_config.encoder_layer)
     return CaptionModel(model_config, encoder, decoder).to(device), dataclasses.replace(config, model=model_config)

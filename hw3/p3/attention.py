@@ -33,6 +33,7 @@ from PIL import Image
 from torchvision import transforms
 
 from hw3.common.figures import add_image, frame_picture
+from hw3.common.errors import UserError
 from hw3.p2.generation import generate
 from tokenizer import EOT_ID, BPETokenizer
 
@@ -137,7 +138,7 @@ def attention_for_captions(model, pixels: torch.Tensor, captions: Sequence[Seque
     finally:
         model.record_attention(False)
     if not recorded:
-        raise ValueError("the model has no cross-attention layers to read")
+        raise UserError("the model has no cross-attention layers to read")
     results = []
     for row, caption in enumerate(captions):
         maps, prefix_share = {}, {}
@@ -200,10 +201,10 @@ def resolve_layer(result: CaptionAttention, layer: int) -> int:
     layers = result.layers
     if layer < 0:
         if -layer > len(layers):
-            raise ValueError(f"layer {layer}: the model has cross-attention in {len(layers)} layers {layers}")
+            raise UserError(f"layer {layer}: the model has cross-attention in {len(layers)} layers {layers}")
         return layers[layer]
     if layer not in result.maps:
-        raise ValueError(f"layer {layer} has no cross-attention; layers with it: {layers}")
+        raise UserError(f"layer {layer} has no cross-attention; layers with it: {layers}")
     return layer
 
 
@@ -213,7 +214,7 @@ def select_maps(result: CaptionAttention, layer: int = -1, head: Optional[int] =
     if head is None:
         return maps.mean(0)
     if not 0 <= head < maps.shape[0]:
-        raise ValueError(f"head {head}: this layer has {maps.shape[0]} heads")
+        raise UserError(f"head {head}: this layer has {maps.shape[0]} heads")
     return maps[head]
 
 
