@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hw3.common.files import write_text_atomically  # noqa: E402
+from hw3.common.files import write_json_atomically  # noqa: E402
 from hw3.p2.generation import DecodeConfig, generate  # noqa: E402
 from hw3.p2.model import CaptionConfig, build_caption_model, count_trainable  # noqa: E402
 
@@ -136,7 +136,7 @@ def main():
     if args.json_out:
         result = dict(device=name, recipe=recipe_name, caption_config=json.loads(config.to_json()),
                       max_length=args.max_length, torch=torch.__version__, rows=rows)
-        write_text_atomically(args.json_out, json.dumps(result, indent=1))
+        write_json_atomically(args.json_out, result, indent=1)
         print(f"wrote {args.json_out}")
     return 0 if all(verdicts) else 1
 

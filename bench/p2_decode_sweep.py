@@ -9,7 +9,6 @@ n-gram size asked for. For choosing p2_inference.py's defaults on the val set.
 """
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hw3.common.files import image_key, write_text_atomically  # noqa: E402
+from hw3.common.files import image_key, write_json_atomically  # noqa: E402
 from hw3.common.images import list_image_files  # noqa: E402
 from hw3.p2.checkpoint import load_captioner  # noqa: E402
 from hw3.p2.generation import DecodeConfig, caption_images  # noqa: E402
@@ -73,8 +72,8 @@ def main():
         print(f"{row['beam_size']:>4} {row['length_penalty']:>7} {row['no_repeat_ngram_size']:>6} {row['CIDEr']:>7.4f} "
               f"{row['CLIPScore']:>9.4f} {row['mean_words']:>5.1f} {row['images_per_s']:>8.1f}")
     if args.json_out:
-        write_text_atomically(args.json_out, json.dumps(dict(checkpoint=args.checkpoint, images=args.images,
-                                                             device=args.device, rows=rows), indent=1))
+        write_json_atomically(args.json_out, dict(checkpoint=args.checkpoint, images=args.images,
+                                                  device=args.device, rows=rows), indent=1)
         print(f"wrote {args.json_out}")
 
 

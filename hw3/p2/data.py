@@ -26,7 +26,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from hw3.common.errors import UserError
-from hw3.common.files import image_key, read_json, write_text_atomically
+from hw3.common.files import image_key, read_json, write_json_atomically
 from hw3.common.images import ImageFiles
 from hw3.p2.encoder import ImageEncoder
 from tokenizer import BPETokenizer, make_caption_batch
@@ -136,8 +136,8 @@ def feature_cache(encoder: ImageEncoder, paths: Sequence[str], cache_dir: str, d
         start += len(tokens)
     features.flush()
     del features
-    write_text_atomically(os.path.join(cache_dir, f"features-{digest}.json"),
-                          json.dumps(dict(description, shape=list(shape), dtype="float16")))
+    write_json_atomically(os.path.join(cache_dir, f"features-{digest}.json"),
+                          dict(description, shape=list(shape), dtype="float16"))
     os.replace(partial, path)  # atomic: a half-written cache is never picked up
     return FeatureCache(path)
 

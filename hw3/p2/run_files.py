@@ -26,7 +26,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from hw3.common.errors import UserError  # noqa: E402
-from hw3.common.files import load_torch_file, read_json, write_atomically, write_text_atomically  # noqa: E402
+from hw3.common.files import (load_torch_file, read_json, write_atomically, write_json_atomically,  # noqa: E402
+                              write_text_atomically)
 from hw3.p2.checkpoint import count_checkpoint_params, save_trainable  # noqa: E402
 from hw3.p2.config import DataPaths  # noqa: E402
 from hw3.p2.model import CaptionModel, count_trainable  # noqa: E402
@@ -132,7 +133,7 @@ class RunFiles:
 
     def save_best(self, model: CaptionModel, predictions: dict) -> None:
         save_trainable(model, str(self.best))
-        write_text_atomically(self.out / "val_predictions.json", json.dumps(predictions, indent=1, sort_keys=True))
+        write_json_atomically(self.out / "val_predictions.json", predictions, indent=1, sort_keys=True)
 
     def save_last(self, model: CaptionModel, state: dict) -> None:
         if not self.active:
@@ -152,7 +153,7 @@ class RunFiles:
             "finished_at": datetime.datetime.now().isoformat(timespec="seconds") if finished else None,
         }
         if self.active:
-            write_text_atomically(self.summary, json.dumps(summary, indent=1))
+            write_json_atomically(self.summary, summary, indent=1)
             self.plot()
         return summary
 

@@ -365,7 +365,7 @@ class Trainer:
                   f"wrote {self.files.out}/(best.safetensors, last.safetensors, resume.pt, log.jsonl, curves.png, "
                   "val_predictions.json, summary.json)")
         if self.processes.world_size > 1:
-            dist.barrier()
+            self.processes.barrier()
             dist.destroy_process_group()
         return summary
 

@@ -10,7 +10,6 @@ Grounding: hw3.p3.grounding's per-layer table over one split of a toy world, and
 """
 import csv
 import dataclasses
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from hw3.common.errors import UserError
 from hw3.common.files import (check_writable, read_json, sha256_file, write_atomically, write_csv_atomically,
-                              write_text_atomically)
+                              write_json_atomically)
 from hw3.common.images import list_image_files, open_image
 from hw3.common.manifest import checkpoint_path
 from hw3.p2.checkpoint import load_captioner
@@ -157,7 +156,7 @@ def draw_figures(images, captioner: Captioner, out_dir="results/p3", top_last: O
     info = {"checkpoint": checkpoint, "checkpoint_sha256": sha256_file(checkpoint), "layer": layer,
             "layer_reason": why, "head": head, "decode": asdict(captioner.decode), "per_image_csv": top_last,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "images": records}
-    write_text_atomically(out_dir / "attention.json", json.dumps(info, indent=2))
+    write_json_atomically(out_dir / "attention.json", info, indent=2)
     for record in records:
         print(f"wrote {record['figure']}: {record['caption']!r}")
     print(f"wrote {out_dir / 'attention.json'}")
@@ -204,7 +203,7 @@ def measure_grounding(world_dir, captioner: Captioner, split: str = "p2_val", li
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv_atomically(out_dir / "grounding.csv", grounding.TABLE_COLUMNS,
                          [[row[column] for column in grounding.TABLE_COLUMNS] for row in rows])
-    write_text_atomically(out_dir / "grounding.json", json.dumps(info, indent=2))
+    write_json_atomically(out_dir / "grounding.json", info, indent=2)
     print(f"{info['words_scored']} colour/shape words scored on {len(names)} {split} images "
           f"({info['words_absent']} named something absent)")
     print(f"{'layer':>5} {'share':>7} {'baseline':>8} {'ratio':>6} {'colour':>7} {'shape':>7}  best head")
