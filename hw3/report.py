@@ -2,6 +2,8 @@
 
 `build_report(p1_dir, p2_runs, p3_dir, out, toy_world)` is what make_report.py runs; its --help lists the input files.
 The toy world, when not given, is the one the P2 run summaries name in their "toy_world" key (null: course data).
+Paths on the pages name no machine: `write` and `table` show every absolute path relative to the repository, or
+under the cache root as `~/.cache/dlcv-hw3/...` (hw3.common.files.shown_text).
 """
 import csv
 import datetime
@@ -19,7 +21,7 @@ from PIL import Image
 
 from hw3.common.errors import UserError
 from hw3.common.figures import show_picture
-from hw3.common.files import check_writable, read_json, write_atomically
+from hw3.common.files import check_writable, read_json, shown_text, write_atomically
 from hw3.toy.world import ToyWorld
 
 METHODS = ("adapter", "prefix", "lora")
@@ -154,7 +156,9 @@ def new_page(title: Optional[str] = None) -> Figure:
 
 def write(figure: Figure, y: float, text: str, size: float = 9.5, width: int = 100, **style) -> float:
     """Wrapped text from the top at height y (figure fraction); returns the y below it."""
-    lines = [line for paragraph in text.split("\n") for line in (textwrap.wrap(paragraph, width) or [""])]
+    paragraphs = shown_text(text).split("\n")  # lines break at spaces only: a path stays whole on its line
+    lines = [line for paragraph in paragraphs
+             for line in (textwrap.wrap(paragraph, width, break_on_hyphens=False) or [""])]
     figure.text(0.06, y, "\n".join(lines), fontsize=size, va="top", linespacing=1.35, **style)
     return y - len(lines) * size * 1.35 / 72 / PAGE[1] - 0.012
 
@@ -164,8 +168,8 @@ def table(figure: Figure, y: float, header: List[str], rows: List[List[str]], he
     height = height_per_row * (len(rows) + 1)
     axis = figure.add_axes([0.06, y - height, 0.88, height])
     axis.axis("off")
-    cells = axis.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center", colWidths=widths,
-                       bbox=[0, 0, 1, 1])
+    cells = axis.table(cellText=[[shown_text(cell) for cell in row] for row in rows], colLabels=header,
+                       loc="upper center", cellLoc="center", colWidths=widths, bbox=[0, 0, 1, 1])
     cells.auto_set_font_size(False)
     cells.set_fontsize(8)
     for (row, _), cell in cells.get_celld().items():

@@ -2,6 +2,7 @@
 expected pages and the numbers of those files; missing or malformed inputs give one clear error listing them."""
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from PIL import Image
 import make_report
 from hw3 import report
 from hw3.common.errors import EXIT_USER_ERROR, run_cli
+from hw3.common.files import shown_path, shown_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,6 +154,30 @@ def test_report_pages_and_numbers_come_from_the_result_files(tmp_path, capsys):
             assert expected in flat, expected
         prompts = flat[flat.index("2. Prompts"):]
         assert prompts.index("This is a photo of {object}") < prompts.index("a photo of a {object}.")  # required first
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="needs pdftotext (poppler-utils) to read the text")
+def test_paths_on_the_pages_name_no_machine(tmp_path, capsys, monkeypatch):
+    """Result files under the cache root are shown as ~/.cache/dlcv-hw3/..., never as this machine's path."""
+    monkeypatch.delenv("HW3_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folders = fabricate(tmp_path / "home" / ".cache" / "dlcv-hw3" / "results")
+    out = tmp_path / "r.pdf"
+    build(folders, out, capsys)
+    text = " ".join(subprocess.run(["pdftotext", str(out), "-"], capture_output=True, text=True).stdout.split())
+    assert str(tmp_path) not in text
+    assert "TOY WORLD (toyworld.py, offline synthetic stand-in for hw3_data; not the course data): " \
+           "~/.cache/dlcv-hw3/results/world," in text
+    assert "results ~/.cache/dlcv-hw3/results/p1 (written" in text
+
+
+def test_shown_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    assert shown_path(tmp_path / "cache" / "toyworld-seed0") == "$HW3_CACHE/toyworld-seed0"
+    assert shown_path(ROOT / "results" / "p1") == "results/p1"
+    elsewhere = shown_path("/elsewhere/p2")  # relative to the repository
+    assert not Path(elsewhere).is_absolute() and Path(os.path.normpath(ROOT / elsewhere)) == Path("/elsewhere/p2")
+    assert shown_text(f"CLIP ViT-B/32 on {ROOT}/results/p2/x.json.") == "CLIP ViT-B/32 on results/p2/x.json."
 
 
 def test_report_without_grounding_says_so(tmp_path, capsys):

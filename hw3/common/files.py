@@ -1,5 +1,6 @@
 """Small file helpers shared by every problem: checksums, whole-or-nothing writes, early checks of output paths,
-reading JSON and PyTorch files with errors that name the file, prediction keys.
+reading JSON and PyTorch files with errors that name the file, prediction keys, and paths written without this
+machine's absolute locations (the repository's folder, the cache root).
 
 Names that are not valid UTF-8 (e.g. from a zip made on another system) reach Python as strings with "surrogate
 escapes" (os.fsdecode). Text outputs keep them exactly: CSV files are written with errors="surrogateescape" (the
@@ -10,13 +11,19 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from hw3.common.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CACHE_VARIABLE = "HW3_CACHE"  # where the toy worlds live (default ~/.cache/dlcv-hw3), shared with the tests
+DEFAULT_CACHE = "~/.cache/dlcv-hw3"
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~$/])/[^\s,;()\[\]{}\"']+")  # not the "/32" of "ViT-B/32"
 
 
 def sha256_file(path) -> str:
@@ -124,3 +131,29 @@ def load_state_dict_file(path, what: str) -> dict:
 def image_key(file_name: str) -> str:
     """The prediction key of an image: its file name without the extension (`000123.jpg` -> `000123`)."""
     return os.path.splitext(os.path.basename(file_name))[0]
+
+
+def cache_root() -> Path:
+    """$HW3_CACHE, or ~/.cache/dlcv-hw3: the toy worlds' folder."""
+    return Path(os.environ.get(CACHE_VARIABLE) or DEFAULT_CACHE).expanduser()
+
+
+def shown_path(path) -> str:
+    """`path` as a report shows it: inside the cache root as `~/.cache/dlcv-hw3/...` (`$HW3_CACHE/...` when that is
+    set), anywhere else relative to the repository (`results/p1`, `../data`); never this machine's absolute path."""
+    absolute = Path(os.path.abspath(os.path.expanduser(path)))
+    cache = Path(os.path.abspath(cache_root()))
+    if absolute == cache or cache in absolute.parents:
+        label = f"${CACHE_VARIABLE}" if os.environ.get(CACHE_VARIABLE) else DEFAULT_CACHE
+        return str(PurePosixPath(label, absolute.relative_to(cache)))
+    return os.path.relpath(absolute, REPO_ROOT)
+
+
+def shown_text(text: str) -> str:
+    """`text` with every absolute path in it written as `shown_path` writes it (a sentence's final full stop stays
+    outside the path)."""
+    def replace(match: re.Match) -> str:
+        path = match.group(0)
+        stop = path[len(path.rstrip(".")):]
+        return shown_path(path[:len(path) - len(stop)]) + stop
+    return ABSOLUTE_PATH.sub(replace, text)

@@ -13,9 +13,8 @@ from pathlib import Path, PurePosixPath
 from typing import List, Tuple
 
 from hw3.common.errors import UserError
-from hw3.common.files import read_json
+from hw3.common.files import REPO_ROOT, read_json
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = REPO_ROOT / "checkpoints.json"
 BACKBONE_LIBRARIES = ("clip", "timm")
 DEFAULT_CHECKPOINT = "p2_best"  # the captioner hw3_2.sh, P3 and the notebook load
