@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from decoder import Decoder, GPTConfig, KeyValue, attention, gpt2_parameter_names
+from decoder import Decoder, GPTConfig, KeyValue, LoadReport, attention, gpt2_parameter_names, load_course_weights
 from hw3.common.errors import UserError
 from hw3.common.files import load_state_dict_file
 from hw3.p2.encoder import ImageEncoder, load_image_encoder
@@ -195,14 +195,20 @@ class CaptionModel(nn.Module):
                 if block.cross_attn is not None and block.cross_attn.attention_weights is not None}
 
 
-def load_decoder(path: str, **config_overrides) -> Decoder:
-    """GPT-2 from the course's decoder_model.bin (sizes from the file, `config_overrides` e.g. dropout); a file
-    that is not one raises UserError naming it."""
+def load_decoder_with_report(path: str, **config_overrides) -> Tuple[Decoder, LoadReport]:
+    """GPT-2 from the course's decoder_model.bin (sizes from the file, `config_overrides` e.g. dropout) and the
+    report of what loaded; a file that is not one raises UserError naming it."""
     state_dict = load_state_dict_file(path, "a GPT-2 state_dict in the course's decoder_model.bin format")
     try:
-        return Decoder.from_state_dict(state_dict, **config_overrides)
+        decoder = Decoder(GPTConfig.from_state_dict(state_dict, **config_overrides))
+        return decoder, load_course_weights(decoder, state_dict)
     except (KeyError, ValueError) as error:  # GPT-2's keys missing, or of other shapes
         raise UserError(f"{path}: {error.args[0]}") from None
+
+
+def load_decoder(path: str, **config_overrides) -> Decoder:
+    """The decoder of `load_decoder_with_report`."""
+    return load_decoder_with_report(path, **config_overrides)[0]
 
 
 def build_caption_model(config: CaptionConfig, decoder_weights: Optional[str], device="cpu",
