@@ -12,7 +12,7 @@ from typing import List
 from import_graph import ROOT, dependencies, import_cycles, module_name
 
 COURSE_LEAVES = ("decoder.py", "tokenizer.py")  # the course's modules the library builds on
-PROBLEM_PACKAGES = ("hw3.p1", "hw3.p2", "hw3.p3", "hw3.toy", "hw3.report")
+PROBLEM_PACKAGES = ("hw3.p1", "hw3.p2", "hw3.p3", "hw3.toy", "hw3.report", "hw3.pipeline")
 
 
 def library_files(root: Path) -> List[Path]:

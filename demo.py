@@ -1,0 +1,52 @@
+"""The homework end to end (hw3/pipeline/homework.py): what `bash demo.sh` runs after `bash setup.sh`.
+
+    bash demo.sh                          the offline toy world (built or reused in ~/.cache/dlcv-hw3, or
+                                          $HW3_CACHE): P1, P2 (three PEFT methods + the self-critical stage), P3,
+                                          the report; results in results/
+    bash demo.sh --data hw3_data          the course data, the same steps: configs/{adapter,prefix,lora}.yaml,
+                                          ViT-L/14, hw3_data/p2_data/decoder_model.bin; then the checkpoints.json
+                                          entry that publishes the best checkpoint
+    bash demo.sh --check [--data DIR]     the preflight only (python3 preflight.py DIR does the same)
+    bash demo.sh --compare A/numbers.json B/numbers.json     "identical", or what differs
+
+Each step prints what it runs and where it writes. A run begins with the preflight and stops when it fails. Run
+again, the same command skips the finished steps: p2_train.py leaves a finished run of the same config as it is and
+refuses to replace another one; the other steps are skipped when their outputs exist and came from the same command
+and inputs. The report goes to RESULTS/hw3_report.pdf; --publish-report also copies it to ./hw3_report.pdf.
+"""
+import argparse
+import os
+from pathlib import Path
+
+from hw3.common.errors import run_cli
+from hw3.common.files import cache_root, check_writable
+from hw3.pipeline.homework import run_homework
+from hw3.pipeline.inputs import TOY_WORLD_NAME, ResultPaths, add_input_options, inputs_from_args
+from hw3.pipeline.numbers import compare_files
+from hw3.toy.world import ToyWorld
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="demo.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="the course data (p1_data, p2_data, p3_data) instead of the toy "
+                                                  "world")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: %(default)s)")
+    add_input_options(parser)
+    parser.add_argument("--check", action="store_true", help="run the preflight only; exit 0 when it passes")
+    parser.add_argument("--publish-report", action="store_true",
+                        help="also copy the report to ./hw3_report.pdf (the committed one)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
+                        help="compare two numbers.json files and exit (0: identical, 1: they differ)")
+    args = parser.parse_args(argv)
+    if args.compare:
+        return 1 if compare_files(*args.compare) else 0
+    out = Path(os.path.abspath(args.out))
+    check_writable(out, "folder")
+    world = None if args.data else ToyWorld(cache_root() / TOY_WORLD_NAME)
+    return run_homework(inputs_from_args(args, args.data, world), ResultPaths(out), build_world=world,
+                        publish_report=args.publish_report, check_only=args.check)
+
+
+if __name__ == "__main__":
+    run_cli(main, "demo.sh")

@@ -1,0 +1,94 @@
+"""RESULTS/numbers.json: a run's headline numbers and the sha256 of what it made, and comparing two of them.
+
+    {"p1": {"hw3_1": {images, correct, accuracy, csv_sha256}, "prompts": {"PROMPT | templates T | ...": accuracy}},
+     "p2": {"runs": {RUN: {CIDEr, CLIPScore, best_epoch, checkpoint_params, checkpoint_sha256}},
+            "submitted": {run, CIDEr, CLIPScore, captions_sha256}},
+     "p3": {"grounding": {best_layer, words_scored, ratio_by_layer}}}      (p3: toy world only)
+
+Every value is read from the result files; paths are left out, so two runs of the same work on the same data give
+identical files wherever they ran. `compare_numbers` lists what differs ([] = identical).
+"""
+import csv
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from hw3.common.files import read_json, sha256_file
+from hw3.pipeline.inputs import ResultPaths
+
+
+def read_rows(path: Path) -> List[dict]:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as file:
+        return list(csv.DictReader(file))
+
+
+def csv_accuracy(path: Path) -> dict:
+    """hw3_1.sh's CSV scored by the labels in its file names ({class_id}_{image_id}.png)."""
+    rows = read_rows(path)
+    correct = sum(row["filename"].split("_", 1)[0] == row["label"] for row in rows)
+    return {"images": len(rows), "correct": correct, "accuracy": 100 * correct / max(1, len(rows)),
+            "csv_sha256": sha256_file(path)}
+
+
+def prompt_table(path: Path) -> Dict[str, float]:
+    """p1_clip.py report's accuracy.csv: accuracy by prompt, template set, synonyms and flip (not by model: its
+    name may be a path)."""
+    return {f"{row['prompt']} | templates {row['templates']} | synonyms {row['synonyms']} | flip {row['flip']}":
+            float(row["accuracy"]) for row in read_rows(path)}
+
+
+def run_numbers(run: Path) -> dict:
+    summary = read_json(run / "summary.json", "run summary")
+    return {"CIDEr": summary["best"]["CIDEr"], "CLIPScore": summary["best"]["CLIPScore"],
+            "best_epoch": summary["best_epoch"], "checkpoint_params": summary["checkpoint_params"],
+            "checkpoint_sha256": sha256_file(run / "best.safetensors")}
+
+
+def collect_numbers(results: ResultPaths, runs: Sequence[Path], submitted: Path) -> dict:
+    """The numbers of a finished run (`runs`: its P2 run folders; `submitted`: the one hw3_2.sh used)."""
+    scores = read_json(results.val_scores, "p2_evaluate.py summary")
+    numbers = {
+        "p1": {"hw3_1": csv_accuracy(results.p1_csv), "prompts": prompt_table(results.p1 / "accuracy.csv")},
+        "p2": {"runs": {run.name: run_numbers(run) for run in runs},
+               "submitted": {"run": submitted.name, "CIDEr": scores["CIDEr"], "CLIPScore": scores["CLIPScore"],
+                             "captions_sha256": sha256_file(results.val_predictions)}},
+    }
+    grounding_file = results.grounding / "grounding.json"
+    if grounding_file.is_file():
+        grounding = read_json(grounding_file, "grounding.json")
+        numbers["p3"] = {"grounding": {"best_layer": grounding["best_layer"],
+                                       "words_scored": grounding["words_scored"],
+                                       "ratio_by_layer": {str(row["layer"]): row["ratio"]
+                                                          for row in grounding["table"]}}}
+    return numbers
+
+
+def flatten(data, prefix: str = "") -> Dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: Dict[str, object] = {}
+    for key, value in data.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def compare_numbers(first: dict, second: dict) -> List[str]:
+    """One line per value that differs or is in one file only; [] when the two are identical."""
+    a, b = flatten(first), flatten(second)
+    missing = object()
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key, missing), b.get(key, missing)
+        if left != right:
+            lines.append(f"{key}: {'(absent)' if left is missing else repr(left)} vs "
+                         f"{'(absent)' if right is missing else repr(right)}")
+    return lines
+
+
+def compare_files(first: Path, second: Path) -> Optional[List[str]]:
+    """Prints "identical" or the differences of two numbers.json files; returns the differences."""
+    differences = compare_numbers(read_json(first, "numbers.json"), read_json(second, "numbers.json"))
+    print("identical" if not differences else f"{len(differences)} difference(s) between {first} and {second}:")
+    for line in differences:
+        print(f"  {line}")
+    return differences

@@ -1,0 +1,384 @@
+"""Checks before a run: what `bash demo.sh --check` and `python3 preflight.py DATA_DIR` print, and what a full run
+checks first (it stops when one fails).
+
+Each finding is ok, WARN (it only slows the run, or may move its numbers) or FAIL (the run cannot succeed), and says
+what to do. In order: Python and the packages against the grader's pins (requirements.txt), Java (the CIDEr
+scorer's PTB tokenizer), the GPU; the data (layout, image counts, annotation files parse, every annotated image
+exists); the P2 configs; every pretrained model (a CLIP or timm name cached, or the download it would need; a file
+exists and loads); decoder_model.bin with its load report; free disk for the frozen encoder's feature cache.
+
+Image counts: the course data must have the course's (P1 val 2500, P2 10604 train / 1789 val, 5 P3 images); a toy
+world must have those its boxes.json lists.
+"""
+import importlib.metadata
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlparse
+
+import clip
+import torch
+
+from hw3.common.clip_models import load_clip
+from hw3.common.errors import UserError
+from hw3.common.files import REPO_ROOT, read_json
+from hw3.common.images import list_image_files
+from hw3.p2.config import TrainConfig, load_config
+from hw3.p2.data import CaptionSplit, read_split
+from hw3.p2.encoder import CLIP_VITS, load_image_encoder
+from hw3.p2.model import load_decoder_with_report
+from hw3.pipeline.inputs import RunInputs
+
+OK, WARN, FAIL = "ok", "WARN", "FAIL"
+COURSE_COUNTS = {"p1 val": 2500, "p2 train": 10604, "p2 val": 1789, "p3": 5}
+TOY_SPLITS = {"p1 val": "p1_val", "p2 train": "p2_train", "p2 val": "p2_val", "p3": "p3"}  # boxes.json's names
+SCORER_PACKAGES = ("pycocoevalcap",)  # beyond requirements.txt: the CIDEr scorer's PTB tokenizer
+CLIP_CACHE = Path("~/.cache/clip").expanduser()  # clip.load's download_root
+GB = 1e9
+
+
+def size_text(size: float) -> str:
+    return f"{size / GB:.2f} GB" if size >= GB / 10 else f"{size / 1e6:.1f} MB"
+
+
+@dataclass
+class Finding:
+    level: str  # OK, WARN or FAIL
+    subject: str
+    text: str
+    todo: str = ""  # what to do about it
+
+    def __str__(self) -> str:
+        return f"  {self.level:<4}  {self.subject}: {self.text}" + (f"\n          -> {self.todo}" if self.todo else "")
+
+
+# ---- environment ----------------------------------------------------------------------------------------------------
+
+def pinned_packages() -> List[Tuple[str, Optional[str]]]:
+    """(distribution, pinned version or None) of requirements.txt, plus the scorer's packages of
+    requirements-dev.txt."""
+    packages = []
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for line in (REPO_ROOT / name).read_text().splitlines():
+            requirement = line.split("#", 1)[0].strip()
+            distribution, _, version = requirement.partition("==")
+            if requirement and (name == "requirements.txt" or distribution in SCORER_PACKAGES):
+                packages.append((distribution, version or None))
+    return packages
+
+
+def check_environment(course_data: bool) -> List[Finding]:
+    findings = []
+    version = ".".join(map(str, sys.version_info[:3]))
+    findings.append(Finding(OK, "python", version) if sys.version_info[:2] == (3, 8) else
+                    Finding(WARN, "python", f"{version}, the grader runs 3.8", "bash setup.sh builds .venv with 3.8"))
+    matching = []
+    for distribution, pin in pinned_packages():
+        try:
+            installed = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            findings.append(Finding(FAIL, "packages", f"{distribution} is not installed", "bash setup.sh"))
+            continue
+        if pin and installed.split("+")[0] != pin:
+            findings.append(Finding(WARN, "packages", f"{distribution} {installed}, the grader pins {pin} (numbers "
+                                                      "may move)", "bash setup.sh installs the pins into .venv"))
+        else:
+            matching.append(f"{distribution} {installed}")
+    findings.append(Finding(OK, "packages", ", ".join(matching)))
+    return findings + [check_java(), check_gpu(course_data)]
+
+
+def check_java() -> Finding:
+    if shutil.which("java") is None:
+        return Finding(FAIL, "java", "not on PATH; CIDEr's PTB tokenizer (validation, p2_evaluate.py) is Java",
+                       "install a Java runtime, e.g. apt-get install default-jre-headless")
+    result = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        return Finding(FAIL, "java", f"`java -version` fails: {result.stderr.strip()[:200]}",
+                       "repair or reinstall the Java runtime")
+    return Finding(OK, "java", (result.stderr or result.stdout).splitlines()[0])
+
+
+def check_gpu(course_data: bool) -> Finding:
+    if not torch.cuda.is_available():
+        if not course_data:
+            return Finding(OK, "gpu", "none (the toy world runs on the CPU)")
+        return Finding(WARN, "gpu", "none: the course data on the CPU takes days (ViT-L/14 encodes about 0.4 images/s)",
+                       "run on a machine with a CUDA GPU (the grader's: an 11 GB RTX 2080 Ti)")
+    devices = [torch.cuda.get_device_properties(index) for index in range(torch.cuda.device_count())]
+    return Finding(OK, "gpu", "; ".join(f"{d.name}, {d.total_memory / 2**30:.1f} GiB" for d in devices))
+
+
+# ---- data -----------------------------------------------------------------------------------------------------------
+
+def expected_counts(inputs: RunInputs) -> Tuple[Dict[str, int], str]:
+    """The image counts the data must have, and whose they are."""
+    world = inputs.toy_world()
+    if world is None:
+        return COURSE_COUNTS, "the course data has"
+    splits = read_json(world.boxes, "toy world boxes.json")["splits"]
+    return {name: len(splits[split]) for name, split in TOY_SPLITS.items()}, "its toy world's boxes.json lists"
+
+
+def count_finding(name: str, folder: Path, count: int, counts: Dict[str, int], whose: str) -> Finding:
+    if count != counts[name]:
+        return Finding(FAIL, "data", f"{name}: {count} images in {folder}, {whose} {counts[name]}",
+                       "extract the data again (an interrupted copy or unzip?)")
+    return Finding(OK, "data", f"{name}: {count} images ({whose} {counts[name]})")
+
+
+def check_p1(inputs: RunInputs, counts: Dict[str, int], whose: str) -> List[Finding]:
+    if not inputs.p1_val.is_dir():
+        return [Finding(FAIL, "data", f"no P1 val folder {inputs.p1_val}",
+                        f"put the course's hw3_data (p1_data, p2_data, p3_data) in {inputs.data}")]
+    images = list_image_files(inputs.p1_val)
+    findings = [count_finding("p1 val", inputs.p1_val, len(images), counts, whose)]
+    try:
+        id2label = read_json(inputs.id2label, "P1 id2label.json")
+    except UserError as error:
+        return findings + [Finding(FAIL, "data", str(error), "copy p1_data/id2label.json from the course data")]
+    if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
+        return findings + [Finding(FAIL, "data", f"{inputs.id2label} is not a mapping class id -> class name",
+                                   "copy p1_data/id2label.json from the course data")]
+    unlabelled = [path.name for path in images if path.name.split("_", 1)[0] not in id2label]
+    if unlabelled:
+        findings.append(Finding(FAIL, "data", f"{len(unlabelled)} P1 val images are not named {{class id}}_... with "
+                                              f"a class of id2label.json, e.g. {unlabelled[:3]}",
+                                "the report's accuracy reads the labels from the names: use the course's val set"))
+    else:
+        findings.append(Finding(OK, "data", f"id2label.json: {len(id2label)} classes; every P1 val image is "
+                                            "labelled by its name"))
+    return findings
+
+
+def check_p2(inputs: RunInputs, counts: Dict[str, int], whose: str) -> Tuple[List[Finding], List[CaptionSplit]]:
+    """Findings, and the splits that parse (for the feature cache's size)."""
+    findings, splits = [], []
+    for split in ("train", "val"):
+        annotations, folder = inputs.p2_data / f"{split}.json", inputs.p2_data / "images" / split
+        try:
+            parsed = read_split(str(annotations), str(folder))
+        except UserError as error:
+            todo = f"extract p2_data again ({split}.json and images/{split}/ must match)"
+            findings.append(Finding(FAIL, "data", str(error), todo))
+            continue
+        splits.append(parsed)
+        files = len(list_image_files(folder))
+        finding = count_finding(f"p2 {split}", folder, len(parsed.paths), counts, whose)
+        if finding.level == OK:
+            finding.text += f"; {sum(map(len, parsed.captions))} captions, every annotated image is there"
+        if files != len(parsed.paths):
+            finding.text += f" ({files - len(parsed.paths)} more image files without captions are not used)"
+        findings.append(finding)
+    return findings, splits
+
+
+def check_p3(inputs: RunInputs, counts: Dict[str, int], whose: str) -> Finding:
+    if not inputs.p3_images.is_dir():
+        return Finding(FAIL, "data", f"no P3 image folder {inputs.p3_images}",
+                       "copy p3_data/images from the course data")
+    return count_finding("p3", inputs.p3_images, len(list_image_files(inputs.p3_images)), counts, whose)
+
+
+# ---- configs and models ---------------------------------------------------------------------------------------------
+
+def check_configs(inputs: RunInputs) -> Tuple[List[Finding], List[TrainConfig]]:
+    """Each config read with the run's overrides, as p2_train.py will read it."""
+    findings, configs = [], []
+    for name in inputs.configs:
+        try:
+            config = load_config(str(REPO_ROOT / name), inputs.train_overrides())
+        except UserError as error:
+            findings.append(Finding(FAIL, "configs", str(error), f"fix {name}"))
+            continue
+        if config.model.encoder == "toy":
+            findings.append(Finding(FAIL, "configs", f"{name} is a toy config and no encoder is given",
+                                    "give --encoder (the toy world's clip.pt)"))
+            continue
+        configs.append(config)
+        findings.append(Finding(OK, "configs", f"{name}: {'+'.join(config.model.peft)}, encoder {config.model.encoder},"
+                                               f" {config.epochs} epochs, feature cache "
+                                               f"{'on' if config.cache_features else 'off'}"))
+    if inputs.scst_config:
+        found = (REPO_ROOT / inputs.scst_config).is_file()
+        findings.append(Finding(OK, "configs", f"SCST stage: {inputs.scst_config} on the best run") if found else
+                        Finding(WARN, "configs", f"SCST stage: {inputs.scst_config} does not exist; the stage "
+                                                 "will be skipped", "give --scst-config FILE, or --no-scst"))
+    return findings, configs
+
+
+def network_reaches(url: str) -> bool:
+    try:
+        socket.create_connection((urlparse(url).hostname, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def download_finding(role: str, name: str, url: str, cache: Path) -> Finding:
+    if network_reaches(url):
+        return Finding(WARN, "models", f"{role} {name}: not cached in {cache}; it will be downloaded on first use",
+                       "bash hw3_download.sh downloads it now")
+    return Finding(FAIL, "models", f"{role} {name}: not cached in {cache}, and {urlparse(url).hostname} cannot "
+                                   "be reached from here (no network), so the run cannot download it",
+                   f"run `bash hw3_download.sh` on a machine with network and copy {cache} here")
+
+
+def check_model(role: str, name: str, load) -> Finding:
+    """A CLIP or timm name cached (or the download it would need), or a model file that `load(name)` loads."""
+    if name in clip.available_models():
+        url = clip.clip._MODELS[name]  # the clip package's own table of weight files
+        file = CLIP_CACHE / os.path.basename(url)
+        if file.is_file():
+            return Finding(OK, "models", f"{role} {name}: cached ({file}, {size_text(file.stat().st_size)})")
+        return download_finding(role, name, url, CLIP_CACHE)
+    if name.startswith("timm:"):
+        return check_timm_model(role, name)
+    try:
+        load(name)
+    except UserError as error:
+        return Finding(FAIL, "models", f"{role}: {error}", "give a CLIP name or a CLIP state_dict file")
+    return Finding(OK, "models", f"{role} {name}: loads")
+
+
+def check_timm_model(role: str, name: str) -> Finding:
+    import timm.models  # only timm names need it
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    config = timm.models.get_pretrained_cfg(name[len("timm:"):])
+    if config is None:
+        return Finding(FAIL, "models", f"{role} {name}: timm {timm.__version__} has no pretrained weights of that "
+                                       "name", "check the name (timm.list_pretrained())")
+    if config.hf_hub_id:
+        cache = Path(HF_HUB_CACHE) / ("models--" + config.hf_hub_id.replace("/", "--"))
+        url = f"https://huggingface.co/{config.hf_hub_id}"
+    else:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(config.url)
+        url = config.url
+    if cache.exists():
+        return Finding(OK, "models", f"{role} {name}: cached ({cache})")
+    return download_finding(role, name, url, cache)
+
+
+def check_models(inputs: RunInputs, configs: Sequence[TrainConfig]) -> List[Finding]:
+    encoders = sorted({(config.model.encoder, config.model.encoder_layer) for config in configs})
+    findings = [check_model(f"P2 encoder (layer {layer})", name, lambda n, layer=layer: load_image_encoder(
+        n, layer=layer)) for name, layer in encoders]
+    findings += [check_model("P1 CLIP", name, load_clip) for name in inputs.p1_models]
+    scorers = sorted({config.clip_model for config in configs} | {inputs.clipscore_model})
+    return findings + [check_model("CLIPScore CLIP", name, load_clip) for name in scorers]
+
+
+def check_decoder(inputs: RunInputs, course_data: bool) -> Finding:
+    try:
+        decoder, report = load_decoder_with_report(str(inputs.decoder))
+    except UserError as error:
+        return Finding(FAIL, "decoder", str(error), "copy the course's decoder_model.bin again (GPT-2 small, about "
+                                                    "500 MB)")
+    c = decoder.config
+    text = (f"{inputs.decoder}: {report}; GPT-2 with {c.n_layer} layers, width {c.n_embd}, vocabulary {c.vocab_size}, "
+            f"{sum(p.numel() for p in decoder.parameters()):,} parameters")
+    if report.unexpected:
+        return Finding(WARN, "decoder", text, "the unexpected keys are not used: is this the course's file?")
+    if course_data and (c.n_layer, c.n_embd, c.vocab_size) != (12, 768, 50257):
+        return Finding(WARN, "decoder", text + ", not GPT-2 small", "the course's decoder_model.bin is GPT-2 small")
+    return Finding(OK, "decoder", text)
+
+
+# ---- the feature cache ------------------------------------------------------------------------------------------
+
+def token_shape(encoder: str, layer: int) -> Tuple[int, int]:
+    """(tokens per image, width) of an encoder's output."""
+    if encoder in CLIP_VITS:
+        image_size, patch_size, width, _ = CLIP_VITS[encoder]
+        return (image_size // patch_size) ** 2 + 1, width
+    built = load_image_encoder(encoder, pretrained=False, layer=layer)  # a file loads; timm builds random weights
+    return built.n_tokens, built.width
+
+
+def cached(cache_dir: Path, encoder: str, layer: int, paths: List[str]) -> bool:
+    """Whether hw3.p2.data.feature_cache already holds these images' tokens (its descriptions name the encoder,
+    its file and the image paths)."""
+    absolute = [os.path.abspath(path) for path in paths]
+    for description in cache_dir.glob("features-*.json"):
+        found = read_json(description, "feature cache description")
+        same_encoder = found.get("encoder") == encoder or str(found.get("encoder")).startswith(
+            os.path.abspath(encoder) + ":")
+        if same_encoder and found.get("layer") == layer and found.get("paths") == absolute \
+                and description.with_suffix(".npy").is_file():
+            return True
+    return False
+
+
+def check_feature_cache(configs: Sequence[TrainConfig], splits: List[CaptionSplit]) -> List[Finding]:
+    needs: Dict[Path, float] = {}
+    findings = []
+    for encoder, layer, cache_dir in sorted({(c.model.encoder, c.model.encoder_layer, c.cache_dir) for c in configs
+                                             if c.cache_features}):
+        try:
+            tokens, width = token_shape(encoder, layer)
+        except UserError as error:
+            findings.append(Finding(FAIL, "feature cache", str(error), "give an encoder that loads"))
+            continue
+        folder = Path(cache_dir).expanduser()
+        missing = [split for split in splits if not cached(folder, encoder, layer, split.paths)]
+        images = sum(len(split.paths) for split in missing)
+        size = images * tokens * width * 2  # fp16
+        needs[folder] = needs.get(folder, 0) + size
+        shape = f"{encoder} (layer {layer}): {tokens} tokens x {width} x 2 bytes"
+        findings.append(Finding(OK, "feature cache", f"{shape} x {images} images not cached yet = {size_text(size)} "
+                                                     f"in {folder}" if images else f"{shape}: already in {folder}"))
+    for folder, size in needs.items():
+        existing = next(path for path in [folder, *folder.parents] if path.exists())
+        free = shutil.disk_usage(existing).free
+        if size > free:
+            findings.append(Finding(FAIL, "disk", f"the feature cache needs {size_text(size)} in {folder}, "
+                                                  f"{size_text(free)} are free",
+                                    "free disk space, or point the configs' cache_dir to a larger disk"))
+        else:
+            findings.append(Finding(OK, "disk", f"{size_text(free)} free for {folder} (needs {size_text(size)})"))
+    return findings
+
+
+# ---- all of it ------------------------------------------------------------------------------------------------------
+
+def run_preflight(inputs: RunInputs) -> List[Finding]:
+    """Every check, printed as it is made; returns the findings."""
+    findings: List[Finding] = []
+
+    def report(new: List[Finding]) -> None:
+        for finding in new:
+            print(finding, flush=True)
+        findings.extend(new)
+
+    course_data = inputs.toy_world() is None
+    print(f"preflight: {'course data' if course_data else 'toy world data'} {inputs.data}", flush=True)
+    report(check_environment(course_data))
+    if not inputs.data.is_dir():
+        report([Finding(FAIL, "data", f"no data folder {inputs.data}", "give --data DIR with the course's "
+                                                                       "p1_data, p2_data, p3_data")])
+        splits = []
+    else:
+        counts, whose = expected_counts(inputs)
+        report(check_p1(inputs, counts, whose))
+        p2_findings, splits = check_p2(inputs, counts, whose)
+        report(p2_findings + [check_p3(inputs, counts, whose)])
+    config_findings, configs = check_configs(inputs)
+    report(config_findings)
+    report(check_models(inputs, configs) + [check_decoder(inputs, course_data)])
+    report(check_feature_cache(configs, splits) if len(splits) == 2 else
+           [Finding(WARN, "feature cache", "size not computed: the P2 data did not read", "fix the data first")])
+    problems = sum(f.level == FAIL for f in findings)
+    warnings = sum(f.level == WARN for f in findings)
+    print(f"preflight: {problems} problem(s), {warnings} warning(s): " +
+          ("the run cannot succeed until the FAIL lines are fixed" if problems else "ready to run"), flush=True)
+    return findings
+
+
+def passed(findings: Sequence[Finding]) -> bool:
+    return not any(finding.level == FAIL for finding in findings)

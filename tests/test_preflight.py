@@ -1,0 +1,88 @@
+"""preflight.py (hw3/pipeline/preflight.py) on the small toy world: the good world passes; copies broken in one way
+each fail, naming what is wrong; the course data's counts are checked exactly."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hw3.pipeline.inputs import CONFIG_SETS, RunInputs
+from hw3.pipeline.preflight import FAIL, passed, run_preflight
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def world_inputs(world: Path, data: Path = None, decoder: Path = None) -> RunInputs:
+    """The toy configs with the world's models, as `bash demo.sh` runs them."""
+    return RunInputs(data=data or world / "hw3_data", configs=CONFIG_SETS["toy"],
+                     decoder=decoder or world / "decoder_model.bin", encoder=str(world / "clip.pt"),
+                     clip_model=str(world / "clip.pt"))
+
+
+def failures(inputs: RunInputs) -> list:
+    return [f"{finding.subject}: {finding.text}" for finding in run_preflight(inputs) if finding.level == FAIL]
+
+
+@pytest.fixture
+def world_copy(toy_world_small, tmp_path) -> Path:
+    return Path(shutil.copytree(toy_world_small, tmp_path / "world"))
+
+
+def test_the_small_toy_world_passes(toy_world_small, capsys):
+    findings = run_preflight(world_inputs(toy_world_small))
+    printed = capsys.readouterr().out
+    assert passed(findings), printed
+    assert "p2 val: 50 images (its toy world's boxes.json lists 50)" in printed
+    assert "decoder weights: 28 tensors loaded" in printed  # the decoder's own load report
+    assert "preflight: 0 problem(s)" in printed
+
+
+@pytest.mark.parametrize("image, expected", [
+    ("hw3_data/p2_data/images/val", "1 images of {data}/p2_data/val.json are not in {data}/p2_data/images/val"),
+    ("hw3_data/p1_data/val", "p1 val: 199 images in {data}/p1_data/val, its toy world's boxes.json lists 200"),
+])
+def test_a_missing_image_fails(world_copy, capsys, image, expected):
+    removed = sorted((world_copy / image).iterdir())[0]
+    removed.unlink()
+    data = world_copy / "hw3_data"
+    found = failures(world_inputs(world_copy))
+    assert len(found) == 1 and expected.format(data=data) in found[0], found
+    if "p2_data" in image:
+        assert removed.name in found[0]
+
+
+def test_a_truncated_decoder_fails(world_copy):
+    decoder = world_copy / "decoder_model.bin"
+    decoder.write_bytes(decoder.read_bytes()[:decoder.stat().st_size // 2])
+    found = failures(world_inputs(world_copy))
+    assert len(found) == 1, found
+    assert found[0].startswith(f"decoder: {decoder} is not a GPT-2 state_dict in the course's decoder_model.bin "
+                               "format: PyTorch cannot load it")
+
+
+def test_an_empty_folder_fails_through_the_command_line(toy_world_small, tmp_path):
+    empty = tmp_path / "hw3_data"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "preflight.py"), str(empty), "--configs", "toy",
+                             "--encoder", str(toy_world_small / "clip.pt"), "--clip-model",
+                             str(toy_world_small / "clip.pt")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    for expected in [f"FAIL  data: no P1 val folder {empty}/p1_data/val",
+                     f"FAIL  data: caption annotation file not found: {empty}/p2_data/train.json",
+                     f"FAIL  data: no P3 image folder {empty}/p3_data/images",
+                     f"FAIL  decoder: a GPT-2 state_dict in the course's decoder_model.bin format not found: "
+                     f"{empty}/p2_data/decoder_model.bin", "WARN  feature cache: size not computed",
+                     "preflight: 5 problem(s)"]:
+        assert expected in result.stdout, result.stdout
+
+
+def test_course_data_counts_are_checked_exactly(toy_world_small, tmp_path, capsys):
+    """The small world's hw3_data outside its world folder is course data to the preflight: its counts are wrong."""
+    data = Path(shutil.copytree(toy_world_small / "hw3_data", tmp_path / "hw3_data"))
+    found = failures(world_inputs(toy_world_small, data=data))
+    assert found == [f"data: p1 val: 200 images in {data}/p1_data/val, the course data has 2500",
+                     f"data: p2 train: 400 images in {data}/p2_data/images/train, the course data has 10604",
+                     f"data: p2 val: 50 images in {data}/p2_data/images/val, the course data has 1789"]
+    assert ("WARN  gpu: none" in capsys.readouterr().out) != torch.cuda.is_available()
