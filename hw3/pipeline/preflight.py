@@ -315,7 +315,12 @@ def cached(cache_dir: Path, encoder: str, layer: int, paths: List[str]) -> bool:
     return False
 
 
-def check_feature_cache(configs: Sequence[TrainConfig], splits: List[CaptionSplit]) -> List[Finding]:
+def check_feature_cache(configs: Sequence[TrainConfig], splits: Optional[List[CaptionSplit]],
+                        expected_images: int) -> List[Finding]:
+    """The cache's size per encoder and the free disk for it. `splits`: the P2 splits, or None when they did not
+    read; then `expected_images` images are counted (0: the size is not computed)."""
+    if splits is None and not expected_images:
+        return [Finding(WARN, "feature cache", "size not computed: the P2 data did not read", "fix the data first")]
     needs: Dict[Path, float] = {}
     findings = []
     for encoder, layer, cache_dir in sorted({(c.model.encoder, c.model.encoder_layer, c.cache_dir) for c in configs
@@ -326,13 +331,16 @@ def check_feature_cache(configs: Sequence[TrainConfig], splits: List[CaptionSpli
             findings.append(Finding(FAIL, "feature cache", str(error), "give an encoder that loads"))
             continue
         folder = Path(cache_dir).expanduser()
-        missing = [split for split in splits if not cached(folder, encoder, layer, split.paths)]
-        images = sum(len(split.paths) for split in missing)
+        if splits is None:
+            images, which = expected_images, "images (the course's P2 count; the data did not read)"
+        else:
+            images = sum(len(split.paths) for split in splits if not cached(folder, encoder, layer, split.paths))
+            which = "images not cached yet"
         size = images * tokens * width * 2  # fp16
         needs[folder] = needs.get(folder, 0) + size
         shape = f"{encoder} (layer {layer}): {tokens} tokens x {width} x 2 bytes"
-        findings.append(Finding(OK, "feature cache", f"{shape} x {images} images not cached yet = {size_text(size)} "
-                                                     f"in {folder}" if images else f"{shape}: already in {folder}"))
+        findings.append(Finding(OK, "feature cache", f"{shape} x {images} {which} = {size_text(size)} in {folder}"
+                                if images else f"{shape}: already in {folder}"))
     for folder, size in needs.items():
         existing = next(path for path in [folder, *folder.parents] if path.exists())
         free = shutil.disk_usage(existing).free
@@ -371,8 +379,8 @@ def run_preflight(inputs: RunInputs) -> List[Finding]:
     config_findings, configs = check_configs(inputs)
     report(config_findings)
     report(check_models(inputs, configs) + [check_decoder(inputs, course_data)])
-    report(check_feature_cache(configs, splits) if len(splits) == 2 else
-           [Finding(WARN, "feature cache", "size not computed: the P2 data did not read", "fix the data first")])
+    course_images = COURSE_COUNTS["p2 train"] + COURSE_COUNTS["p2 val"] if course_data else 0
+    report(check_feature_cache(configs, splits if len(splits) == 2 else None, course_images))
     problems = sum(f.level == FAIL for f in findings)
     warnings = sum(f.level == WARN for f in findings)
     print(f"preflight: {problems} problem(s), {warnings} warning(s): " +
