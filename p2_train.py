@@ -3,6 +3,7 @@
     python3 p2_train.py --config configs/adapter.yaml --out runs/adapter [--set lr=3e-4 model.adapter_size=64]
     python3 p2_train.py --config configs/toy_lora.yaml --toy-world DIR --out runs/toy_lora     # the toy world
     python3 p2_train.py --out runs/adapter --resume                                           # go on after a stop
+    python3 p2_train.py --init runs/adapter --config configs/scst.yaml --out runs/adapter_scst  # SCST stage
     torchrun --nproc_per_node 4 p2_train.py --config configs/adapter.yaml --out runs/adapter  # several GPUs
 
 A config file is YAML (hw3/p2/config.py): `model:` holds CaptionConfig fields, `decode:` DecodeConfig fields (the
@@ -10,25 +11,34 @@ validation captions), the rest TrainConfig fields below. `--set key=value` (dott
 model.lora_rank=4) overrides any of them; a few common ones also have their own flag. The run folder OUT gets
 best.safetensors (best val CIDEr), last.safetensors + resume.pt, log.jsonl, curves.png, val_predictions.json and
 summary.json (see hw3/p2/run_files.py). The TrainConfig fields and their defaults are listed by --help.
+
+The self-critical stage (hw3/p2/scst.py) starts from a finished cross-entropy run: `--init RUN` takes RUN's saved
+config (its model, data and decoding) and RUN/best.safetensors, then the stage's config file (configs/scst.yaml,
+configs/toy_scst.yaml: stage, epochs, lr, `scst:` section) over it, then --set and the flags.
 """
 import argparse
 import inspect
+import os
 import sys
 
 from hw3.common.errors import UserError, run_cli
-from hw3.p2.config import TrainConfig, load_config
+from hw3.p2.config import SCSTConfig, TrainConfig, load_config
 from hw3.p2.run_files import saved_config
 from hw3.p2.training import train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    source = inspect.getsource(TrainConfig)
-    fields_text = source[source.index("    model:"):source.index("    def __post_init__")].rstrip()
+    fields_text = "\n".join(field_lines(kind, first) for kind, first in ((TrainConfig, "model"),
+                                                                          (SCSTConfig, "samples")))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"config fields (TrainConfig, with defaults):\n{fields_text}")
+                                     epilog=f"config fields (TrainConfig, then its scst: section, with defaults):\n"
+                                            f"{fields_text}")
     parser.add_argument("--config", help="YAML config file (configs/*.yaml); optional with --resume")
     parser.add_argument("--out", help="run folder (default: the config's `out`)")
     parser.add_argument("--toy-world", help="train on a toyworld.py folder instead of the course data")
+    parser.add_argument("--init", metavar="RUN",
+                        help="start from a finished run: its saved config under --config's values, and its "
+                             "best.safetensors (the self-critical stage: --config configs/scst.yaml)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from last.safetensors + resume.pt (its saved config, plus "
                              "any overrides given here, e.g. --epochs to train longer)")
@@ -47,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def field_lines(kind, first: str) -> str:
+    """The field lines of a config dataclass's source, from field `first` to __post_init__ (the --help listing)."""
+    source = inspect.getsource(kind)
+    return source[source.index(f"    {first}:"):source.index("    def __post_init__")].rstrip()
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {"out": args.out, "toy_world": args.toy_world, "cache_features": args.cache_features,
              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "max_steps": args.max_steps}
@@ -57,6 +73,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             print(f"--resume: the config saved in {args.out}/resume.pt applies, not {args.config} "
                   "(change values with --set)", file=sys.stderr)
         config = load_config(None, args.overrides, base=saved_config(args.out), flags=flags)
+    elif args.init:
+        checkpoint = os.path.join(args.init, "best.safetensors")
+        if not os.path.isfile(checkpoint):
+            raise UserError(f"--init {args.init}: no best.safetensors there (give a finished p2_train.py run folder)")
+        if not args.out:
+            raise UserError("--init needs --out, the new run's folder")
+        base = dict(saved_config(args.init), init=checkpoint)
+        config = load_config(args.config, args.overrides, base=base, flags=flags)
     elif not args.config:
         raise UserError("give --config FILE (or --resume --out DIR)")
     else:

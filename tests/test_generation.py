@@ -8,29 +8,10 @@ import math
 import pytest
 import torch
 
-from decoder import GPTConfig
 from hw3.p2.generation import DecodeConfig, banned_ngram_tokens, caption_images, clean_caption, generate
-from hw3.p2.model import CaptionConfig, build_caption_model
 from tokenizer import EOT_ID, BPETokenizer
 
 VOCAB = 50257
-
-
-@pytest.fixture(scope="module")
-def toy_model(toy_world_small):
-    """The toy world's tiny LM (2 layers, width 128) with cross-attention in both blocks and adapters, the new
-    weights random, LayerNorm gains at their init of 1 (so the image context reaches the decoder at unit scale): the
-    cross-attention is large enough for the image to change the caption, small enough for captions to end."""
-    config = CaptionConfig(encoder=str(toy_world_small / "clip.pt"), decoder=GPTConfig(n_layer=2, n_head=2, n_embd=128),
-                           context_width=64, cross_attn_width=64, cross_attn_heads=2, peft=["adapter"],
-                           adapter_size=16)
-    model = build_caption_model(config, str(toy_world_small / "decoder_model.bin"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and not name.endswith(("image_ln.weight", "ln_cross.weight")):
-                param.copy_(torch.randn_like(param) * (0.05 if ".cross_attn." in name else 0.02))
-    return model.eval()
 
 
 def image_tokens(n, seed=0):

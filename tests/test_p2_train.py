@@ -83,6 +83,14 @@ def test_bad_configs_fail_clearly(overrides, message):
 
 def test_every_config_file_loads():
     for path in sorted(CONFIGS.glob("*.yaml")):
+        if path.stem.endswith("scst"):  # a stage over a finished run: loaded over each method's config
+            toy = path.stem.startswith("toy_")
+            for method in METHODS:
+                base = load_config(str(CONFIGS / f"{'toy_' if toy else ''}{method}.yaml")).to_dict()
+                config = load_config(str(path), base=dict(base, init="best.safetensors"))
+                assert config.stage == "scst" and config.model.peft == [method], path
+                assert config.model == load_config(None, base=base).model  # the stage leaves the model alone
+            continue
         config = load_config(str(path))
         toy = path.stem.startswith("toy_")
         assert config.model.peft == [path.stem.replace("toy_", "")], path
@@ -151,8 +159,9 @@ def test_run_folder_layout_and_checkpoints_hold_only_trainable_tensors(mini, tmp
                  "val_predictions.json", "summary.json", "config.yaml"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"config_file", "method", "trainable_params", "checkpoint_params", "best_epoch", "best",
-                            "epochs", "decode", "data", "toy_world", "finished_at"}
+    assert set(summary) == {"config_file", "method", "stage", "init", "trainable_params", "checkpoint_params",
+                            "best_epoch", "best", "epochs", "decode", "data", "toy_world", "finished_at"}
+    assert summary["stage"] == "xe" and summary["init"] is None
     assert summary["method"] == "prefix" and summary["data"] == f"toy world {mini}" and summary["finished_at"]
     assert summary["toy_world"] == str(mini)
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2]
@@ -274,16 +283,11 @@ def toy_baseline(toy_world):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_toy_config_beats_the_image_blind_baseline(method, toy_world, toy_baseline, tmp_path_factory):
+def test_toy_config_beats_the_image_blind_baseline(method, toy_world, toy_baseline, toy_run):
     """The README's demo run: each toy config through the CLI, as demo.sh runs it, then P3's grounding
     score of its checkpoint (one cross-attention layer in the toy configs)."""
-    out = tmp_path_factory.mktemp(f"toy_{method}")
-    cache = tmp_path_factory.getbasetemp() / "toy_feature_cache"  # shared: the first run computes it
     started = time.time()
-    command = [sys.executable, str(ROOT / "p2_train.py"), "--config", str(CONFIGS / f"toy_{method}.yaml"),
-               "--toy-world", str(toy_world), "--out", str(out), "--set", f"cache_dir={cache}"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = toy_run(method)
     summary = json.loads((out / "summary.json").read_text())
     best = summary["best"]
     print(f"\ntoy {method}: {summary['checkpoint_params']:,} parameters, {(time.time() - started) / 60:.1f} min, "

@@ -60,11 +60,36 @@ class DataPaths:
 
 
 @dataclass
+class SCSTConfig:
+    """Self-critical sequence training (stage: scst, hw3/p2/scst.py): the `scst:` section of a config."""
+    samples: int = 5  # candidate captions per image and step
+    candidates: str = "sample"  # "sample": drawn from the model at `temperature`; "beam": the beam search's best K
+    baseline: str = "mean"  # "mean": mean reward of the image's other samples (Luo); "greedy": its greedy caption's
+    temperature: float = 1.0  # of the sampling distribution
+    max_length: int = 0  # tokens per sampled caption, the end token included; 0 = decode.max_length
+    end_token: bool = True  # reward over the words + an end word: a caption ending "... on a" matches no reference
+    clip_weight: float = 0.0  # reward = CIDEr-D + clip_weight * CLIPScore (clip_model; the course's 2.5 * max(cos, 0))
+
+    def __post_init__(self):
+        if self.candidates not in ("sample", "beam"):
+            raise UserError(f"scst.candidates must be 'sample' or 'beam', got {self.candidates!r}")
+        if self.baseline not in ("mean", "greedy"):
+            raise UserError(f"scst.baseline must be 'mean' or 'greedy', got {self.baseline!r}")
+        if self.samples < (2 if self.baseline == "mean" else 1):
+            raise UserError("scst.samples must be >= 2 with the mean baseline (>= 1 with greedy)")
+        if self.temperature <= 0 or self.max_length < 0 or self.clip_weight < 0:
+            raise UserError("scst.temperature must be > 0, scst.max_length and scst.clip_weight >= 0")
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs besides its run folder's state; saved in the run folder (config.yaml,
     resume.pt). The field comments below are what `p2_train.py --help` lists."""
     model: CaptionConfig = field(default_factory=CaptionConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    scst: SCSTConfig = field(default_factory=SCSTConfig)  # used by stage: scst
+    stage: str = "xe"  # "xe": cross-entropy on the references; "scst": self-critical training of the `init` model
+    init: Optional[str] = None  # a trained checkpoint (e.g. RUN/best.safetensors) to start from; p2_train.py --init RUN
     # data (course layout); `toy_world` replaces all four with the toy world's files
     data_dir: str = "hw3_data/p2_data"  # images/{train,val}/*.jpg, train.json, val.json
     decoder_weights: str = "hw3_data/p2_data/decoder_model.bin"  # the course's GPT-2 (its sizes set model.decoder)
@@ -99,12 +124,15 @@ class TrainConfig:
     out: str = "runs/p2"
 
     def __post_init__(self):
-        for name, allowed in (("epoch_items", ("captions", "images")), ("train_vocab", ("full", "captions")),
+        for name, allowed in (("stage", ("xe", "scst")), ("epoch_items", ("captions", "images")),
+                              ("train_vocab", ("full", "captions")),
                               ("cider_tokenizer", ("ptb", "simple"))):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1 or not self.lr > 0:
             raise UserError("epochs, batch_size, grad_accum and lr must be positive")
+        if self.stage == "scst" and not self.init:
+            raise UserError("stage scst fine-tunes a trained captioner: give init (p2_train.py --init RUN_DIR)")
         if self.augment and self.cache_features:
             raise UserError("cache_features stores each image's tokens once, so it cannot see augmented images: "
                             "turn off augment or cache_features")
@@ -116,11 +144,14 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown config keys: {unknown}")
         model = CaptionConfig.from_dict(coerce(CaptionConfig, values.pop("model", None) or {}))
-        decode_values = coerce(DecodeConfig, values.pop("decode", None) or {})
-        unknown = sorted(set(decode_values) - {f.name for f in dataclasses.fields(DecodeConfig)})
-        if unknown:
-            raise UserError(f"unknown decode keys: {unknown}")
-        return cls(model=model, decode=DecodeConfig(**decode_values), **coerce(cls, values))
+        sections = {}
+        for name, kind in (("decode", DecodeConfig), ("scst", SCSTConfig)):
+            section = coerce(kind, values.pop(name, None) or {})
+            unknown = sorted(set(section) - {f.name for f in dataclasses.fields(kind)})
+            if unknown:
+                raise UserError(f"unknown {name} keys: {unknown}")
+            sections[name] = kind(**section)
+        return cls(model=model, **sections, **coerce(cls, values))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,17 +202,22 @@ def apply_override(values: dict, assignment: str) -> None:
 
 def load_config(path: Optional[str], overrides: List[str] = (), base: Optional[dict] = None,
                 flags: Optional[dict] = None) -> TrainConfig:
-    """The config of a YAML file (or `base`, a saved config dict), with `--set` overrides, then `flags` (top-level
-    values, None = not given) applied."""
+    """The config of `base` (a saved config dict) and/or a YAML file, the file's values over the base's (section by
+    section), then `--set` overrides, then `flags` (top-level values, None = not given)."""
     values = copy.deepcopy(base or {})  # the overrides below change nested sections in place
     if path:
         try:
             with open(path) as f:
-                values = yaml.safe_load(f) or {}
+                from_file = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError) as error:
             raise UserError(f"cannot read config {path}: {error}") from error
-        if not isinstance(values, dict):
+        if not isinstance(from_file, dict):
             raise UserError(f"{path} must hold a YAML mapping")
+        for key, value in from_file.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key].update(value)
+            else:
+                values[key] = value
     for assignment in overrides:
         apply_override(values, assignment)
     values.update({key: value for key, value in (flags or {}).items() if value is not None})

@@ -4,6 +4,9 @@
     token_ids = generate(model, image_tokens, config)     # List[List[int]]: one caption per image, no 50256s
     captions = caption_images(model, image_tokens, config, tokenizer)
 
+For self-critical training (hw3/p2/scst.py): `sample` draws captions token by token (multinomial, KV cache) and
+`beam_candidates` returns each image's finished beam hypotheses, both optionally over a vocabulary subset.
+
 How the search runs:
 - Every caption starts from the single token 50256 and ends at the next 50256 (the course's convention).
 - The image keys/values of every cross-attention are computed once per image (`model.image_context`) and repeated
@@ -27,7 +30,7 @@ How the search runs:
 import argparse
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -120,10 +123,26 @@ def autocast_for(device: torch.device):
 @torch.no_grad()
 def generate(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[List[int]]:
     """Token ids of the best caption per image (without the start/end 50256) for image tokens [B, N, D]."""
+    return [image_beams.best() for image_beams in beam_search(model, image_tokens, config)]
+
+
+@torch.no_grad()
+def beam_candidates(model, image_tokens: torch.Tensor, config: DecodeConfig, vocabulary=None) -> List[List[List[int]]]:
+    """Per image, its finished hypotheses (at most beam_size, best first), token ids without the start/end 50256.
+    `vocabulary` (optim.VocabularySubset): search over its tokens only (self-critical training's candidates)."""
+    return [[tokens for _, tokens in image_beams.finished]
+            for image_beams in beam_search(model, image_tokens, config, vocabulary)]
+
+
+def beam_search(model, image_tokens: torch.Tensor, config: DecodeConfig, vocabulary=None) -> List[ImageBeams]:
+    """The search behind generate and beam_candidates (the module docstring says how it runs)."""
     device = image_tokens.device
     B, K = image_tokens.size(0), config.beam_size
     if B == 0:
         return []
+    if vocabulary is not None and config.no_repeat_ngram_size:
+        raise UserError("no_repeat_ngram_size works on the full vocabulary, not a vocabulary subset")
+    token_ids = vocabulary.token_ids.tolist() if vocabulary is not None else None
     block_size = model.decoder.config.block_size if hasattr(model, "decoder") else None
     if block_size is not None and config.max_length + 1 > block_size:
         raise UserError(f"max_length {config.max_length} + the start token exceeds block_size {block_size}")
@@ -143,7 +162,7 @@ def generate(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[Li
     context = beam_context(active)
 
     for step in range(1, config.max_length + 1):
-        with autocast_for(device):
+        with autocast_for(device), vocabulary.head(model.decoder) if vocabulary is not None else nullcontext():
             if config.use_cache:
                 logits, past = model.decode_step(sequences[:, -1:], context, past)
             else:
@@ -163,6 +182,8 @@ def generate(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[Li
             running = []
             for rank, (score, index) in enumerate(zip(top_scores_list[slot], top_index_list[slot])):
                 beam, token = divmod(index, vocab)
+                if token_ids is not None:  # a row of the vocabulary subset -> its token id
+                    token = token_ids[token]
                 row = slot * K + beam
                 if score == float("-inf"):
                     break
@@ -197,7 +218,7 @@ def generate(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[Li
         scores = torch.tensor(keep_scores, device=device)
         if past is not None:
             past = select_batch(past, rows)
-    return [image_beams.best() for image_beams in beams]
+    return beams
 
 
 def clean_caption(text: str) -> str:
@@ -208,3 +229,37 @@ def clean_caption(text: str) -> str:
 def caption_images(model, image_tokens: torch.Tensor, config: DecodeConfig, tokenizer) -> List[str]:
     """generate + decode + clean_caption."""
     return [clean_caption(tokenizer.decode(ids)) for ids in generate(model, image_tokens, config)]
+
+
+@torch.no_grad()
+def sample(model, image_tokens: torch.Tensor, samples: int, max_length: int, temperature: float = 1.0,
+           vocabulary=None, generator: Optional[torch.Generator] = None) -> Tuple[List[List[int]], List[bool]]:
+    """`samples` captions per image drawn token by token from the model (multinomial at `temperature`; 0 = argmax,
+    i.e. greedy), with the key/value cache, for self-critical training. Rows are [image][sample], B * samples of
+    them. Returns each caption's token ids (without the start and end 50256) and whether it ended with the end token
+    (False: it ran to max_length). `vocabulary` (optim.VocabularySubset): draw only from its tokens."""
+    device = image_tokens.device
+    rows = image_tokens.size(0) * samples
+    with autocast_for(device):
+        context = select_batch(model.image_context(image_tokens),
+                               torch.arange(image_tokens.size(0), device=device).repeat_interleave(samples))
+    tokens = torch.full((rows, 1), EOT_ID, dtype=torch.long, device=device)
+    ended = torch.zeros(rows, dtype=torch.bool, device=device)
+    past, drawn = None, []
+    with vocabulary.head(model.decoder) if vocabulary is not None else nullcontext():
+        for _ in range(max_length):
+            with autocast_for(device):
+                logits, past = model.decode_step(tokens, context, past)
+            logits = logits[:, -1].float()
+            if temperature > 0:
+                choice = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)[:, 0]
+            else:
+                choice = logits.argmax(-1)
+            tokens = vocabulary.token_ids[choice][:, None] if vocabulary is not None else choice[:, None]
+            drawn.append(tokens[:, 0])
+            ended |= tokens[:, 0] == EOT_ID
+            if bool(ended.all()):
+                break
+    drawn = torch.stack(drawn, dim=1).tolist()  # [rows, steps]
+    captions = [row[:row.index(EOT_ID)] if EOT_ID in row else row for row in drawn]
+    return captions, [EOT_ID in row for row in drawn]

@@ -18,7 +18,7 @@ import shutil
 import time
 import warnings
 from collections import Counter, defaultdict
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Callable, Dict, Hashable, List, Tuple, Union
 
 import numpy as np
 import torch
@@ -130,7 +130,8 @@ def ptb_tokenize(captions: Dict[str, List[str]]) -> Dict[str, List[str]]:
     return tokenized
 
 
-_SIMPLE_TOKENS = re.compile(r"\w+(?=n't\b)|n't\b|(?<=\w)'(?:s|re|ve|ll|d|m)\b|\w+(?:[-.]\w+)*|\S")
+_SIMPLE_TOKENS = re.compile(r"\w+(?=n't\b)|n't\b|(?<=\w)'(?:s|re|ve|ll|d|m)\b|(?:[^\W\d_]\.){2,}|\d+(?::\d+)+|"
+                            r"\w+(?:[-.]\w+)*|\S")  # clitics, abbreviations (u.s.), times (3:30), words
 _PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-"}
 _PTB_DROPPED = {"''", "'", "``", "`", '"', ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 
@@ -140,7 +141,7 @@ def simple_tokenize(captions: Dict[str, List[str]]) -> Dict[str, List[str]]:
     from the course's. Lowercases, splits off punctuation and clitics (`don't` -> `do n't`), drops what PTB drops."""
     def tokenize(text: str) -> str:
         tokens = (_PTB_BRACKETS.get(t, t) for t in _SIMPLE_TOKENS.findall(text.lower()))
-        return " ".join(t for t in tokens if t not in _PTB_DROPPED)
+        return " ".join("can not" if t == "cannot" else t for t in tokens if t not in _PTB_DROPPED)
     return {key: [tokenize(c) for c in caps] for key, caps in captions.items()}
 
 
@@ -180,26 +181,33 @@ def _tfidf_vectors(counts: Counter, document_frequency: Counter, log_num_images:
     return vectors, norms, length
 
 
-def cider_d_tokenized(candidates: Dict[str, str], references: Dict[str, List[str]], n: int = 4, sigma: float = 6.0
-                      ) -> Tuple[float, Dict[str, float]]:
-    """CIDEr-D of already tokenised captions, as coco-caption computes it: tf-idf n-gram vectors (orders 1..n) with
-    the idf taken over the references of the images scored here, the candidate's weights clipped at the reference's,
-    a Gaussian length penalty (sigma), the mean over orders and references, times 10.
-    Returns (mean over images, {image key: score}), in the order of `candidates`."""
-    keys = list(candidates)
-    reference_counts = {key: [ngram_counts(ref, n) for ref in references[key]] for key in keys}
-    document_frequency = Counter()
-    for counts_per_ref in reference_counts.values():
-        document_frequency.update(set(ngram for counts in counts_per_ref for ngram in counts))
-    log_num_images = math.log(float(len(keys)))
+class CiderD:
+    """CIDEr-D of candidates against fixed, already tokenised references, as coco-caption computes it: tf-idf n-gram
+    vectors (orders 1..n), the candidate's weights clipped at the reference's, a Gaussian length penalty (sigma), the
+    mean over orders and references, times 10. The idf comes from the document frequencies of `references` (one
+    document per image), computed once here, so the same object can score many candidates cheaply (SCST rewards)."""
 
-    scores = {}
-    for key in keys:
-        cand_vectors, cand_norms, cand_length = _tfidf_vectors(
-            ngram_counts(candidates[key], n), document_frequency, log_num_images, n)
+    def __init__(self, references: Dict[Hashable, List[str]], n: int = 4, sigma: float = 6.0):
+        if not references:
+            raise ValueError("CIDEr-D needs the references of at least one image")
+        self.n, self.sigma = n, sigma
+        counts = {key: [ngram_counts(ref, n) for ref in refs] for key, refs in references.items()}
+        self.document_frequency = Counter()
+        for counts_per_ref in counts.values():
+            self.document_frequency.update(set(ngram for ref_counts in counts_per_ref for ngram in ref_counts))
+        self.log_num_images = math.log(float(len(references)))
+        self.references = {key: [self.vectors(ref_counts) for ref_counts in counts_per_ref]
+                           for key, counts_per_ref in counts.items()}
+
+    def vectors(self, counts: Counter):
+        return _tfidf_vectors(counts, self.document_frequency, self.log_num_images, self.n)
+
+    def score(self, key: Hashable, candidate: str) -> float:
+        """CIDEr-D of one tokenised candidate (words separated by spaces) against the references of image `key`."""
+        n, sigma = self.n, self.sigma
+        cand_vectors, cand_norms, cand_length = self.vectors(ngram_counts(candidate, n))
         total = np.zeros(n)
-        for counts in reference_counts[key]:
-            ref_vectors, ref_norms, ref_length = _tfidf_vectors(counts, document_frequency, log_num_images, n)
+        for ref_vectors, ref_norms, ref_length in self.references[key]:
             penalty = math.exp(-((cand_length - ref_length) ** 2) / (2 * sigma ** 2))
             for order in range(n):
                 ref_vector = ref_vectors[order]
@@ -208,7 +216,16 @@ def cider_d_tokenized(candidates: Dict[str, str], references: Dict[str, List[str
                 if cand_norms[order] != 0 and ref_norms[order] != 0:
                     dot /= cand_norms[order] * ref_norms[order]
                 total[order] += dot * penalty
-        scores[key] = float(np.mean(total) / len(reference_counts[key]) * 10.0)
+        return float(np.mean(total) / len(self.references[key]) * 10.0)
+
+
+def cider_d_tokenized(candidates: Dict[str, str], references: Dict[str, List[str]], n: int = 4, sigma: float = 6.0
+                      ) -> Tuple[float, Dict[str, float]]:
+    """CIDEr-D (CiderD) of already tokenised captions with the idf taken over the references of the images scored
+    here, as coco-caption does. Returns (mean over images, {image key: score}), in the order of `candidates`."""
+    keys = list(candidates)
+    cider = CiderD({key: references[key] for key in keys}, n, sigma)
+    scores = {key: cider.score(key, candidates[key]) for key in keys}
     return float(np.mean([scores[key] for key in keys])), scores
 
 

@@ -4,7 +4,7 @@
     last.safetensors      trainable tensors of the latest state (prefix MLP kept), with resume.pt: for --resume
     resume.pt             optimizer, scheduler, GradScaler, progress and config (a pickle: training only)
     log.jsonl             one JSON object per logged training step ("type": "train") and validation ("val")
-    curves.png            training loss per step, val CIDEr / CLIPScore per validation
+    curves.png            training loss per step, val CIDEr / CLIPScore per validation (SCST: and the reward)
     val_predictions.json  {image key: caption} of the best validation
     summary.json          the run in one object (read by the report builder; "toy_world" names the toy world's
                           folder, or is null for the course data)
@@ -145,7 +145,8 @@ class RunFiles:
                       finished: bool = False) -> dict:
         """summary.json from the config and the training Progress (hw3.p2.training)."""
         summary = {
-            "config_file": config_file, "method": "+".join(config.model.peft) or "none",
+            "config_file": config_file, "method": "+".join(config.model.peft) or "none", "stage": config.stage,
+            "init": config.init,
             "trainable_params": count_trainable(model),
             "checkpoint_params": count_checkpoint_params(str(self.best)) if self.best.is_file() else None,
             "best_epoch": progress.best_epoch, "best": progress.best, "epochs": progress.history,
@@ -160,11 +161,22 @@ class RunFiles:
     def plot(self) -> None:
         train = [r for r in self.records if r["type"] == "train"]
         val = [r for r in self.records if r["type"] == "val"]
-        figure, (loss_axes, score_axes) = plt.subplots(1, 2, figsize=(11, 4))
+        rewards = [r for r in val if "reward" in r]  # self-critical runs
+        figure, axes = plt.subplots(1, 3 if rewards else 2, figsize=(16 if rewards else 11, 4))
+        loss_axes, score_axes = axes[0], axes[1]
         loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (logged steps)")
         loss_axes.plot([r["step"] for r in val], [r["train_loss"] for r in val], "o-", label="train (per validation)")
-        loss_axes.set(xlabel="optimizer step", ylabel="cross-entropy", title="training loss")
+        loss_axes.set(xlabel="optimizer step", ylabel="self-critical loss" if rewards else "cross-entropy",
+                      title="training loss")
         loss_axes.legend()
+        if rewards:
+            reward_axes = axes[2]
+            reward_axes.plot([r["step"] for r in rewards], [r["reward"] for r in rewards], "o-",
+                             label="mean reward of the drawn captions")
+            reward_axes.plot([r["step"] for r in rewards], [r["sample_cider"] for r in rewards], "s--",
+                             label="their CIDEr-D (training references)")
+            reward_axes.set(xlabel="optimizer step", title="SCST reward (per validation)")
+            reward_axes.legend()
         for metric in ("CIDEr", "CLIPScore"):
             score_axes.plot([r["step"] for r in val], [r[metric] for r in val], "o-", label=f"val {metric}")
         score_axes.set(xlabel="optimizer step", title="validation")

@@ -10,6 +10,8 @@
   the end token) instead of all 50257: exact when the LM gives every other token no probability, as the toy
   world's tiny GPT-2 does, an approximation otherwise. Generation always uses the full vocabulary.
 - Ctrl-C saves last.safetensors + resume.pt before leaving; `--resume` continues at the last optimizer step.
+- `stage: scst` replaces the cross-entropy by the self-critical loss (hw3/p2/scst.py) on a model loaded from `init`
+  (a trained checkpoint); everything else (validation, checkpoints, resume, AMP, DDP) is the same loop.
 
 The phases, in order: `Trainer(...)` sets up (processes, model, data, optimizer, resume state); `run()` trains epoch
 by epoch (`train_epoch` -> `train_batch` -> `optimizer_step`), validating and saving (`validate_and_save`,
@@ -20,6 +22,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from statistics import mean
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -36,14 +39,15 @@ from hw3.common.files import check_writable
 from hw3.common.images import ImageFiles
 from hw3.p2.checkpoint import load_trainable, read_checkpoint
 from hw3.p2.config import DataPaths, TrainConfig
-from hw3.p2.data import (CaptionBatch, CaptionDataset, caption_vocabulary, collate_captions, feature_cache,
-                         image_batches, image_transform, read_split, tokenize_captions)
+from hw3.p2.data import (CaptionBatch, CaptionDataset, CaptionSplit, caption_vocabulary, collate_captions,
+                         feature_cache, image_batches, image_transform, read_split, tokenize_captions)
 from hw3.p2.encoder import ImageEncoder, load_image_encoder
 from hw3.p2.generation import autocast_for, caption_images
 from hw3.p2.metrics import ClipScorer, score_captions
 from hw3.p2.model import CaptionModel, load_decoder, parameter_table
 from hw3.p2.optim import VocabularySubset, adamw, warmup_cosine_scheduler
 from hw3.p2.run_files import RunFiles, finished_run
+from hw3.p2.scst import ClipReward, SCSTStats, SelfCritical
 from tokenizer import EOT_ID, IGNORE_INDEX, BPETokenizer
 
 
@@ -129,6 +133,7 @@ def caption_loss(captioner: CaptionModel, batch: CaptionBatch, settings: LossSet
 
 class TrainingData(NamedTuple):
     train: CaptionDataset  # items: (image or cached tokens, caption tokens, image index)
+    train_split: CaptionSplit  # the training images' files and reference captions
     val_loader: DataLoader  # val images (or cached tokens) in val_keys order
     val_keys: List[str]
     encode: bool  # items are images for the encoder, not cached tokens
@@ -164,8 +169,8 @@ def load_data(config: TrainConfig, paths: DataPaths, encoder: ImageEncoder, toke
         if processes.main:
             print(f"training softmax over the {len(token_ids)} tokens of the training captions", flush=True)
     train = CaptionDataset(train_images, captions, per_image=config.epoch_items == "images", seed=config.seed)
-    return TrainingData(train, val_loader, val_split.keys[:len(val_loader.dataset)], not config.cache_features,
-                        workers, vocabulary)
+    return TrainingData(train, train_split, val_loader, val_split.keys[:len(val_loader.dataset)],
+                        not config.cache_features, workers, vocabulary)
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
@@ -196,8 +201,9 @@ class Trainer:
         self.config_file = config_file
         self.files = RunFiles(self.config.out, active=self.processes.main)
         state = self.files.load_resume() if resume else None
-        if state is not None:
-            load_trainable(self.model, read_checkpoint(str(self.files.last))[1], source=str(self.files.last))
+        start_from = str(self.files.last) if state is not None else self.config.init
+        if start_from:  # before the optimizer is built: loading may collapse the prefix MLP
+            load_trainable(self.model, read_checkpoint(start_from)[1], source=start_from)
         if self.processes.main:
             print(parameter_table(self.model), flush=True)
 
@@ -208,6 +214,8 @@ class Trainer:
         self.sampler = DistributedSampler(self.data.train, num_replicas=self.processes.world_size,
                                           rank=self.processes.rank, shuffle=True, seed=self.config.seed)
         self.scorer = ClipScorer.load(self.paths.clip_model, self.device) if self.processes.main else None
+        self.self_critical = self.build_self_critical() if self.config.stage == "scst" else None
+        self.scst_stats: List[SCSTStats] = []  # of the batches since the last validation
 
         self.batches_per_epoch = math.ceil(len(self.sampler) / self.config.batch_size)
         total_steps = self.config.epochs * math.ceil(self.batches_per_epoch / self.config.grad_accum)
@@ -224,6 +232,17 @@ class Trainer:
         if state is not None:
             self.restore(state)
         self.files.start(self.config, config_file, self.paths)
+
+    def build_self_critical(self) -> SelfCritical:
+        """The SCST objective: rewards against the training references (and the CLIPScore model's embeddings of the
+        training images when scst.clip_weight > 0)."""
+        scst, split = self.config.scst, self.data.train_split
+        clip_reward = None
+        if scst.clip_weight > 0:
+            scorer = self.scorer or ClipScorer.load(self.paths.clip_model, self.device)
+            clip_reward = ClipReward(scorer, split.paths)
+        return SelfCritical(scst, self.config.decode, split.captions, self.tokenizer, clip_reward,
+                            self.data.vocabulary, seed=self.config.seed + self.processes.rank, device=self.device)
 
     def restore(self, state: dict) -> None:
         """Optimizer, schedule, GradScaler and progress from a resume.pt state."""
@@ -291,7 +310,12 @@ class Trainer:
         returns its loss."""
         no_sync = self.processes.world_size > 1 and not sync
         with self.forward.no_sync() if no_sync else nullcontext():
-            loss = caption_loss(self.model, batch, self.loss_settings, self.device, self.forward)
+            if self.self_critical is not None:
+                loss, stats = self.self_critical.loss(self.model, batch, self.data.encode, self.config.amp,
+                                                      self.device, self.forward)
+                self.scst_stats.append(stats)
+            else:
+                loss = caption_loss(self.model, batch, self.loss_settings, self.device, self.forward)
             self.scaler.scale(loss / self.config.grad_accum).backward()
         return loss.item()
 
@@ -310,8 +334,9 @@ class Trainer:
         step, every = self.progress.step, self.config.log_every
         if step % every == 0:
             recent = losses[-every:]
+            scst = {"reward": mean([s.reward for s in self.scst_stats[-every:]])} if self.scst_stats else {}
             self.files.log(type="train", epoch=epoch + 1, step=step, loss=sum(recent) / len(recent),
-                           lr=self.scheduler.get_last_lr()[0])
+                           lr=self.scheduler.get_last_lr()[0], **scst)
 
     @torch.no_grad()
     def validate(self) -> Tuple[Dict[str, float], Dict[str, str]]:
@@ -340,13 +365,20 @@ class Trainer:
                           train_loss=sum(losses) / max(1, len(losses)), CIDEr=scores["CIDEr"],
                           CLIPScore=scores["CLIPScore"], seconds=round(seconds, 2),
                           val_seconds=round(time.time() - started, 2))
+            if self.scst_stats:  # the training samples since the last validation
+                stats = self.scst_stats
+                record.update(reward=mean([s.reward for s in stats]), sample_cider=mean([s.cider for s in stats]),
+                              sample_ended=mean([s.ended for s in stats]))
+                self.scst_stats = []
             progress.history.append(record)
             if progress.best is None or scores["CIDEr"] > progress.best["CIDEr"]:
                 progress.best, progress.best_epoch = scores, record["epoch"]
                 self.files.save_best(self.model, predictions)
             self.files.log(type="val", **record)
-            tqdm.write(f"epoch {record['epoch']} step {progress.step}: train loss {record['train_loss']:.4f}, val "
-                       f"CIDEr {scores['CIDEr']:.4f}, CLIPScore {scores['CLIPScore']:.4f} ({record['val_seconds']} s)")
+            reward = f", mean sample reward {record['reward']:.4f}" if "reward" in record else ""
+            tqdm.write(f"epoch {record['epoch']} step {progress.step}: train loss {record['train_loss']:.4f}{reward}, "
+                       f"val CIDEr {scores['CIDEr']:.4f}, CLIPScore {scores['CLIPScore']:.4f} "
+                       f"({record['val_seconds']} s)")
             self.save_last()
             self.files.write_summary(self.config, self.config_file, self.paths, self.model, progress)
         self.processes.barrier()

@@ -1,0 +1,223 @@
+"""Self-critical training (hw3/p2/scst.py): the reward is the scorer's CIDEr-D with the training references' document
+frequencies, the baselines, the sampler (greedy at temperature 0, seeded, distributed as the model says), the loss,
+and an SCST stage through p2_train.py --init on the mini world. The toy-world gain is the slow test at the end."""
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from caption_fixtures import make_mini_world
+from hw3.p2.config import SCSTConfig, load_config
+from hw3.p2.data import CaptionBatch
+from hw3.p2.generation import DecodeConfig, generate, sample
+from hw3.p2.metrics import cider_d_tokenized, score_captions, simple_tokenize
+from hw3.p2.optim import VocabularySubset
+from hw3.p2.scst import END_WORD, CiderReward, SelfCritical, baseline_rewards, dangling_share
+from p2_train import main
+from tokenizer import EOT_ID, BPETokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_LORA, TOY_SCST = str(ROOT / "configs" / "toy_lora.yaml"), str(ROOT / "configs" / "toy_scst.yaml")
+
+REFERENCES = [["A red circle on a noisy background.", "There is a red circle.", "a small red circle"],
+              ["A blue square next to a green star.", "Blue square, green star."],
+              ["Nothing but noise.", "An empty, noisy picture."]]
+CANDIDATES = ["a red circle", "a blue square and a green star on a", "noise", "a red circle on a noisy background"]
+
+
+def image_tokens(n, seed=0):
+    return torch.randn(n, 17, 128, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the reward ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("end_token", [False, True])
+def test_reward_is_the_scorers_cider_d_with_the_training_document_frequencies(end_token):
+    index = [0, 1, 2, 0]
+    ours = CiderReward(REFERENCES, end_token=end_token)(CANDIDATES, index)
+    refs = {i: simple_tokenize({"r": refs})["r"] for i, refs in enumerate(REFERENCES)}
+    cands = simple_tokenize({"c": CANDIDATES})["c"]
+    if end_token:
+        refs = {i: [f"{r} {END_WORD}" for r in rs] for i, rs in refs.items()}
+        cands = [f"{c} {END_WORD}" for c in cands]
+    for candidate, i, reward in zip(cands, index, ours):
+        # the metrics module's CIDEr-D over all three images: its idf is the training references' one
+        others = {j: "x" for j in range(3) if j != i}
+        expected = cider_d_tokenized({i: candidate, **others}, refs)[1][i]
+        assert reward == pytest.approx(expected, abs=1e-9)
+    assert ours[3] > ours[0] > 0  # more of the references' words, a better reward
+
+
+def test_the_end_word_punishes_a_caption_cut_mid_phrase():
+    plain, ended = CiderReward(REFERENCES, end_token=False), CiderReward(REFERENCES, end_token=True)
+    whole, cut = "a blue square next to a green star", "a blue square next to a green star next to a"
+    assert plain([whole], [1])[0] > plain([cut], [1])[0]
+    margin = lambda reward: reward([whole], [1])[0] - reward([cut], [1])[0]  # noqa: E731
+    assert margin(ended) > margin(plain)
+    assert dangling_share({"x": cut, "y": whole, "z": "A star on the"}) == pytest.approx(2 / 3)
+
+
+def test_baselines():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]], dtype=torch.float64)
+    assert baseline_rewards(rewards).tolist() == [[2.5, 2.0, 1.5], [3.0, 3.0, 0.0]]
+    advantage = rewards - baseline_rewards(rewards)
+    assert advantage.sum(1).abs().max() < 1e-12  # the mean baseline is unbiased and centres each image's samples
+    greedy = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    assert baseline_rewards(rewards, greedy).tolist() == [[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]
+
+
+def test_scst_settings_are_checked():
+    with pytest.raises(ValueError, match="baseline"):
+        SCSTConfig(baseline="best")
+    with pytest.raises(ValueError, match="samples"):
+        SCSTConfig(samples=1)
+    assert SCSTConfig(samples=1, baseline="greedy").samples == 1
+    with pytest.raises(ValueError, match="--init"):
+        load_config(None, ["stage=scst"])
+
+
+# ---- the sampler --------------------------------------------------------------------------------------------------
+
+def test_temperature_zero_is_greedy_decoding(toy_model):
+    tokens = image_tokens(5)
+    drawn, ended = sample(toy_model, tokens, 1, 30, temperature=0.0)
+    assert drawn == generate(toy_model, tokens, DecodeConfig(beam_size=1, max_length=30))
+    assert all(ended) and all(EOT_ID not in ids for ids in drawn)
+
+
+def test_samples_are_seeded_and_cut_at_max_length(toy_model):
+    tokens = image_tokens(3)
+    first = sample(toy_model, tokens, 4, 30, generator=torch.Generator().manual_seed(1))
+    assert first == sample(toy_model, tokens, 4, 30, generator=torch.Generator().manual_seed(1))
+    assert first != sample(toy_model, tokens, 4, 30, generator=torch.Generator().manual_seed(2))
+    assert len(first[0]) == 12 and len(set(map(tuple, first[0]))) > 1  # 3 images x 4 samples, not all alike
+    short, ended = sample(toy_model, tokens, 4, 2, generator=torch.Generator().manual_seed(1))
+    assert all(len(ids) <= 2 for ids in short)
+    assert [done for ids, done in zip(short, ended) if len(ids) < 2] == [True] * sum(len(ids) < 2 for ids in short)
+
+
+def test_first_tokens_follow_the_models_distribution(toy_model):
+    tokens = image_tokens(1)
+    with torch.no_grad():
+        probs = torch.softmax(toy_model(torch.tensor([[EOT_ID]]), tokens)[0, -1], -1)
+    n = 2000
+    drawn, _ = sample(toy_model, tokens.expand(n, -1, -1), 1, 1, generator=torch.Generator().manual_seed(0))
+    counts = Counter(ids[0] if ids else EOT_ID for ids in drawn)
+    top = probs.topk(3)
+    for p, token in zip(top.values.tolist(), top.indices.tolist()):
+        assert abs(counts[token] / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, (token, counts[token], p)
+
+
+def test_a_vocabulary_subset_draws_only_its_tokens(toy_model):
+    words = torch.tensor(sorted(set(BPETokenizer().encode(" ".join(sum(REFERENCES, [])))) | {EOT_ID}))
+    drawn, _ = sample(toy_model, image_tokens(4), 3, 12, vocabulary=VocabularySubset(words, 50257),
+                      generator=torch.Generator().manual_seed(0))
+    assert set(t for ids in drawn for t in ids) <= set(words.tolist()) and any(drawn)
+
+
+# ---- the loss -----------------------------------------------------------------------------------------------------
+
+def test_loss_raises_the_better_captions_probability(toy_model):
+    """The whole loss runs and gives gradients; a few SGD steps on the policy loss of fixed drawn captions make
+    those with a positive advantage likelier and those with a negative one less likely."""
+    tokens = image_tokens(2)
+    objective = SelfCritical(SCSTConfig(samples=4), DecodeConfig(max_length=12), REFERENCES[:2], BPETokenizer(), seed=0)
+    batch = CaptionBatch(tokens, torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor([0, 1]))
+    trainable = [p for p in toy_model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in trainable]
+    cpu = torch.device("cpu")
+
+    def log_probs(drawn):  # per caption: the sum of its tokens' log-probabilities, the end token included
+        with torch.no_grad():
+            return torch.stack([-objective.policy_loss(toy_model, tokens[i // 4:i // 4 + 1], [ids], [True],
+                                                       torch.ones(1), False, cpu) * (len(ids) + 1)
+                                for i, ids in enumerate(drawn)])
+    try:
+        loss, stats = objective.loss(toy_model, batch, encode=False, amp=False, device=cpu)
+        assert 0 < stats.ended <= 1 and stats.reward == stats.cider  # no CLIPScore part
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+        drawn, ended = sample(toy_model, tokens, 4, 12, generator=torch.Generator().manual_seed(3))
+        advantage = torch.tensor([1.0, -1.0] * 4)
+        before = log_probs(drawn)
+        optimizer = torch.optim.SGD(trainable, lr=0.05)
+        for _ in range(5):
+            optimizer.zero_grad()
+            objective.policy_loss(toy_model, tokens.repeat_interleave(4, 0), drawn, [True] * 8, advantage, False,
+                                  cpu).backward()
+            optimizer.step()
+        change = log_probs(drawn) - before
+        assert change[advantage > 0].mean() > 0 > change[advantage < 0].mean(), change
+    finally:
+        with torch.no_grad():
+            for p, value in zip(trainable, saved):
+                p.copy_(value)
+                p.grad = None
+        toy_model.eval()
+
+
+# ---- the stage through p2_train.py --------------------------------------------------------------------------------
+
+def test_scst_stage_through_the_cli(tmp_path, capsys):
+    mini = make_mini_world(tmp_path / "mini")
+    common = ["--set", f"cache_dir={tmp_path / 'cache'}", "cider_tokenizer=simple", "batch_size=4", "log_every=1",
+              "model.encoder_layer=-1"]
+    xe = tmp_path / "xe"
+    assert main(["--config", TOY_LORA, "--toy-world", str(mini), "--out", str(xe), "--epochs", "1",
+                 *common]) == 0
+    scst = tmp_path / "scst"
+    assert main(["--init", str(xe), "--config", TOY_SCST, "--out", str(scst), "--epochs", "2",
+                 "--set", "scst.samples=3", "scst.max_length=8"]) == 0
+    summary = json.loads((scst / "summary.json").read_text())
+    assert summary["stage"] == "scst" and summary["init"] == str(xe / "best.safetensors")
+    assert summary["method"] == "lora" and summary["toy_world"] == str(mini)  # from the --init run's config
+    assert [set(e) >= {"reward", "sample_cider", "sample_ended", "CIDEr"} for e in summary["epochs"]] == [True] * 2
+    records = [json.loads(line) for line in (scst / "log.jsonl").read_text().splitlines()]
+    assert all("reward" in r for r in records if r["type"] == "train")
+    assert (scst / "curves.png").is_file() and (scst / "best.safetensors").is_file()
+    # the same command again: a finished run of the same config, nothing to do
+    assert main(["--init", str(xe), "--config", TOY_SCST, "--out", str(scst), "--epochs", "2",
+                 "--set", "scst.samples=3", "scst.max_length=8"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+# ---- slow: the gain on the toy world ------------------------------------------------------------------------------
+
+def hw3_2_scores(toy_world, run_dir):
+    """hw3_2.sh's captions of the toy val images with the run's best checkpoint, scored as p2_evaluate.py does."""
+    p2 = toy_world / "hw3_data" / "p2_data"
+    out = run_dir / "hw3_2_val.json"
+    command = ["bash", "hw3_2.sh", str(p2 / "images" / "val"), str(out), str(toy_world / "decoder_model.bin"),
+               "--checkpoint", str(run_dir / "best.safetensors"), "--encoder", str(toy_world / "clip.pt")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))  # python3
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = json.loads(out.read_text())
+    scores = score_captions(predictions, str(p2 / "val.json"), str(p2 / "images" / "val"),
+                            clip_model=str(toy_world / "clip.pt"), progress=False)
+    return scores, predictions
+
+
+@pytest.mark.slow
+def test_scst_raises_the_toy_cider_by_ten_percent(toy_world, toy_run, tmp_path):
+    """configs/toy_scst.yaml over the toy LoRA run, judged through hw3_2.sh (default decoding) like the grader."""
+    xe = toy_run("lora")
+    scst = tmp_path / "lora_scst"
+    command = [sys.executable, str(ROOT / "p2_train.py"), "--init", str(xe), "--config", TOY_SCST, "--out", str(scst)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    before, before_captions = hw3_2_scores(toy_world, xe)
+    after, after_captions = hw3_2_scores(toy_world, scst)
+    print(f"\ntoy lora, hw3_2.sh: XE CIDEr {before['CIDEr']:.3f} CLIPScore {before['CLIPScore']:.3f}; SCST CIDEr "
+          f"{after['CIDEr']:.3f} CLIPScore {after['CLIPScore']:.3f}; dangling ends "
+          f"{dangling_share(before_captions):.1%} -> {dangling_share(after_captions):.1%}")
+    assert after["CIDEr"] >= 1.10 * before["CIDEr"]
+    assert after["CLIPScore"] >= 0.99 * before["CLIPScore"]
+    assert dangling_share(after_captions) <= dangling_share(before_captions)
