@@ -187,6 +187,14 @@ def test_scst_stage_through_the_cli(tmp_path, capsys):
                  "--set", "scst.samples=3", "scst.max_length=8"]) == 0
     assert "nothing to do" in capsys.readouterr().out
 
+    # a cross-entropy run saved before the stage existed (no stage/init/scst fields) is still the same run
+    state = torch.load(str(xe / "resume.pt"))
+    for key in ("stage", "init", "scst"):
+        del state["config"][key]
+    torch.save(state, str(xe / "resume.pt"))
+    assert main(["--config", TOY_LORA, "--toy-world", str(mini), "--out", str(xe), "--epochs", "1", *common]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
 
 # ---- slow: the gain on the toy world ------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from hw3.common.errors import UserError  # noqa: E402
 from hw3.common.files import (load_torch_file, read_json, write_atomically, write_json_atomically,  # noqa: E402
                               write_text_atomically)
 from hw3.p2.checkpoint import count_checkpoint_params, save_trainable  # noqa: E402
-from hw3.p2.config import DataPaths  # noqa: E402
+from hw3.p2.config import DataPaths, TrainConfig  # noqa: E402
 from hw3.p2.model import CaptionModel, count_trainable  # noqa: E402
 
 
@@ -86,6 +86,10 @@ def finished_run(out: str, config: dict) -> Optional[dict]:
                         f"{choices}") from None
     if not summary.get("finished_at"):
         raise UserError(f"{out} holds an unfinished run: continue it with `--resume --out {out}`, or {choices}")
+    try:  # fields added to TrainConfig since that run was saved count with their defaults
+        saved = TrainConfig.from_dict(saved).to_dict()
+    except UserError:
+        pass  # compared as saved: what no longer loads differs
     differ = sorted(key for key in set(requested(saved)) | set(requested(config))
                     if requested(saved).get(key) != requested(config).get(key))
     if differ:
