@@ -10,7 +10,7 @@ identical files wherever they ran. `compare_numbers` lists what differs ([] = id
 """
 import csv
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from hw3.common.files import read_json, sha256_file
 from hw3.pipeline.inputs import ResultPaths
@@ -85,7 +85,7 @@ def compare_numbers(first: dict, second: dict) -> List[str]:
     return lines
 
 
-def compare_files(first: Path, second: Path) -> Optional[List[str]]:
+def compare_files(first: Path, second: Path) -> List[str]:
     """Prints "identical" or the differences of two numbers.json files; returns the differences."""
     differences = compare_numbers(read_json(first, "numbers.json"), read_json(second, "numbers.json"))
     print("identical" if not differences else f"{len(differences)} difference(s) between {first} and {second}:")
