@@ -30,7 +30,8 @@ MODAL_TEMPLATE = re.compile(r"^there is .* on a noisy background\.?$", re.IGNORE
 
 def run(command):
     print("+", " ".join(command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"  # hw3_2.sh runs `python3`: this one
+    subprocess.run(command, cwd=ROOT, check=True, env=dict(os.environ, PATH=path))
 
 
 def evaluate(world: ToyWorld, run_dir: str) -> dict:

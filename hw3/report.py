@@ -67,8 +67,9 @@ class Inputs:
     p1: Dict[str, Path]  # p1_clip.py report's files by name
     p1_summary: dict
     accuracy: List[dict]  # accuracy.csv rows
-    runs: Dict[str, Path]  # method: run folder
+    runs: Dict[str, Path]  # method: run folder (cross-entropy)
     summaries: Dict[str, dict]  # method: summary.json
+    scst: Dict[str, Tuple[dict, Optional[dict]]]  # self-critical run folder name: (its summary, its --init run's)
     val_scores: Optional[dict]
     p3_images: Tuple[Path, dict]  # attention.json of the p3 images, read
     top_last: Tuple[Path, dict]  # attention.json of the top-1/last-1 val images, read
@@ -100,10 +101,15 @@ def collect_inputs(p1_dir: Path, p2_runs: Path, p3_dir: Path, toy_world: Optiona
     p1 = {name: need(p1_dir / name, "p1_clip.py report output") for name in
           ("summary.json", "accuracy.csv", "top5.png", "top5.json")}
     runs: Dict[str, Path] = {}
-    for summary in sorted(p2_runs.glob("*/summary.json")) if p2_runs.is_dir() else []:
-        method = read_json(summary).get("method")
-        if method in METHODS and method not in runs:
-            runs[method] = summary.parent
+    scst: Dict[str, Tuple[dict, Optional[dict]]] = {}
+    for summary_path in sorted(p2_runs.glob("*/summary.json")) if p2_runs.is_dir() else []:
+        summary = read_json(summary_path)
+        method = summary.get("method")
+        if summary.get("stage", "xe") == "scst":
+            init = Path(summary.get("init") or "").parent / "summary.json"
+            scst[summary_path.parent.name] = (summary, read_json(init) if init.is_file() else None)
+        elif method in METHODS and method not in runs:
+            runs[method] = summary_path.parent
     for method in METHODS:
         if method not in runs:
             missing.append(f"{p2_runs}/*/summary.json with method {method!r} (p2_train.py run folder)")
@@ -142,7 +148,7 @@ def collect_inputs(p1_dir: Path, p2_runs: Path, p3_dir: Path, toy_world: Optiona
         world = World(files, read_json(files.manifest_path), read_json(files.boxes) if files.boxes.is_file() else None)
     scores = p2_runs / "val_scores.json"
     return Inputs(p1_dir, p2_runs, p1, read_json(p1["summary.json"]), read_csv(p1["accuracy.csv"]), runs, summaries,
-                  read_json(scores) if scores.is_file() else None, p3_images[0], top_last[0], grounding, world)
+                  scst, read_json(scores) if scores.is_file() else None, p3_images[0], top_last[0], grounding, world)
 
 
 # ---- drawing helpers --------------------------------------------------------------------------------------------
@@ -267,6 +273,20 @@ def p1_pages(inputs: Inputs) -> List[Figure]:
     return [figure, top5]
 
 
+def scst_table(figure: Figure, y: float, runs: Dict[str, Tuple[dict, Optional[dict]]]) -> float:
+    """Cross-entropy vs the self-critical stage started from it: the val scores of the best epoch of each."""
+    def scores(summary: Optional[dict]) -> List[str]:
+        if summary is None:
+            return ["-", "-", "-"]
+        best = summary["best"]
+        return [f"{best['CIDEr']:.4f}", f"{best['CLIPScore']:.4f}", f"beam {summary['decode']['beam_size']}"]
+    rows = [[name, *scores(xe), *scores(summary)] for name, (summary, xe) in runs.items()]
+    y = write(figure, y, "Self-critical stage (p2_train.py --init): the cross-entropy run it started from, then the "
+                         "stage's best epoch (validation decoding as shown; hw3_2.sh decodes with beam 3).")
+    return table(figure, y, ["SCST run", "XE CIDEr", "XE CLIPScore", "XE val", "SCST CIDEr", "SCST CLIPScore",
+                             "SCST val"], rows)
+
+
 def p2_pages(inputs: Inputs) -> List[Figure]:
     figure = new_page("Problem 2: PEFT captioning")
     summaries = inputs.summaries
@@ -288,6 +308,8 @@ def p2_pages(inputs: Inputs) -> List[Figure]:
         text += (f"\nThe submitted captions (hw3_2.sh) scored by p2_evaluate.py: CIDEr {v['CIDEr']:.4f}, CLIPScore "
                  f"{v['CLIPScore']:.4f} on {v['num_images']} images.")
     y = write(figure, y, text)
+    if inputs.scst:
+        y = scst_table(figure, y, inputs.scst)
     for method in METHODS:
         epochs = summaries[method]["epochs"]
         y = write(figure, y, f"{method}: " + ", ".join(

@@ -271,3 +271,18 @@ def test_help_works():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--p2-runs" in result.stdout and "--toy-world" in result.stdout
+
+
+def test_an_scst_run_gets_its_own_row_beside_the_run_it_started_from(tmp_path, capsys):
+    folders = fabricate(tmp_path)
+    xe = folders["p2"] / "toy_lora"
+    scst = folders["p2"] / "toy_lora_scst"
+    summary = json.loads((xe / "summary.json").read_text())
+    write_json(scst / "summary.json", {**summary, "stage": "scst", "init": str(xe / "best.safetensors"),
+                                       "best": {"CIDEr": 1.2345, "CLIPScore": 0.7654}, "decode": {"beam_size": 3}})
+    png(scst / "curves.png", (1100, 400))
+    out = tmp_path / "hw3_report.pdf"
+    build(folders, out, capsys)
+    streams = pdf_streams_text(out)
+    assert "1.2345" in streams and "0.7654" in streams  # the SCST row
+    assert "0.9200" in streams  # the cross-entropy lora run is still the method's row (0.9 + 2 / 100)
