@@ -28,11 +28,10 @@ from hw3.p2.training import train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    fields_text = "\n".join(field_lines(kind, first) for kind, first in ((TrainConfig, "model"),
-                                                                          (SCSTConfig, "samples")))
+    scst_fields = field_lines(SCSTConfig, "samples").replace("\n    ", "\n        ")
+    fields_text = f"{field_lines(TrainConfig, 'model')}\n    scst:  # SCSTConfig, for stage: scst\n    {scst_fields}"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"config fields (TrainConfig, then its scst: section, with defaults):\n"
-                                            f"{fields_text}")
+                                     epilog=f"config fields (TrainConfig, with defaults):\n{fields_text}")
     parser.add_argument("--config", help="YAML config file (configs/*.yaml); optional with --resume")
     parser.add_argument("--out", help="run folder (default: the config's `out`)")
     parser.add_argument("--toy-world", help="train on a toyworld.py folder instead of the course data")

@@ -15,7 +15,7 @@ import torch
 from caption_fixtures import make_mini_world
 from hw3.p2.config import SCSTConfig, load_config
 from hw3.p2.data import CaptionBatch
-from hw3.p2.generation import DecodeConfig, generate, sample
+from hw3.p2.generation import DecodeConfig, beam_candidates, generate, sample
 from hw3.p2.metrics import cider_d_tokenized, score_captions, simple_tokenize
 from hw3.p2.optim import VocabularySubset
 from hw3.p2.scst import END_WORD, CiderReward, SelfCritical, baseline_rewards, dangling_share
@@ -121,13 +121,26 @@ def test_a_vocabulary_subset_draws_only_its_tokens(toy_model):
     assert set(t for ids in drawn for t in ids) <= set(words.tolist()) and any(drawn)
 
 
+def test_beam_candidates_are_the_searchs_hypotheses_k_per_image(toy_model):
+    tokens = image_tokens(3)
+    objective = SelfCritical(SCSTConfig(samples=3), DecodeConfig(length_penalty=0.5), REFERENCES, BPETokenizer())
+    rows = objective.candidates(toy_model, tokens)
+    hypotheses = beam_candidates(toy_model, tokens, DecodeConfig(beam_size=3, length_penalty=0.5))
+    assert len(rows) == 9 and all(0 < len(h) <= 3 for h in hypotheses)
+    for image, found in enumerate(hypotheses):
+        assert rows[3 * image:3 * image + len(found)] == found  # best first, as hw3_2.sh's search ranks them
+        assert rows[3 * image + 3 - 1] in found
+    assert rows[0] == generate(toy_model, tokens[:1], DecodeConfig(beam_size=3, length_penalty=0.5))[0]
+
+
 # ---- the loss -----------------------------------------------------------------------------------------------------
 
 def test_loss_raises_the_better_captions_probability(toy_model):
     """The whole loss runs and gives gradients; a few SGD steps on the policy loss of fixed drawn captions make
     those with a positive advantage likelier and those with a negative one less likely."""
     tokens = image_tokens(2)
-    objective = SelfCritical(SCSTConfig(samples=4), DecodeConfig(max_length=12), REFERENCES[:2], BPETokenizer(), seed=0)
+    objective = SelfCritical(SCSTConfig(samples=4, candidates="sample"), DecodeConfig(max_length=12), REFERENCES[:2],
+                             BPETokenizer(), seed=0)
     batch = CaptionBatch(tokens, torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor([0, 1]))
     trainable = [p for p in toy_model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in trainable]

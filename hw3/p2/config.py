@@ -62,13 +62,13 @@ class DataPaths:
 @dataclass
 class SCSTConfig:
     """Self-critical sequence training (stage: scst, hw3/p2/scst.py): the `scst:` section of a config."""
-    samples: int = 5  # candidate captions per image and step
-    candidates: str = "sample"  # "sample": drawn from the model at `temperature`; "beam": the beam search's best K
+    samples: int = 3  # candidate captions per image and step (K)
+    candidates: str = "beam"  # "beam": the beam search's best K (hw3_2.sh's search); "sample": drawn at `temperature`
     baseline: str = "mean"  # "mean": mean reward of the image's other samples (Luo); "greedy": its greedy caption's
-    temperature: float = 1.0  # of the sampling distribution
-    max_length: int = 0  # tokens per sampled caption, the end token included; 0 = decode.max_length
+    temperature: float = 1.0  # of the sampling distribution (candidates: sample)
+    max_length: int = 0  # tokens per candidate, the end token included; 0 = decode.max_length
     end_token: bool = True  # reward over the words + an end word: a caption ending "... on a" matches no reference
-    clip_weight: float = 0.0  # reward = CIDEr-D + clip_weight * CLIPScore (clip_model; the course's 2.5 * max(cos, 0))
+    clip_weight: float = 1.0  # reward = CIDEr-D + clip_weight * CLIPScore (of clip_model, 2.5 * max(cos, 0)); 0 = off
 
     def __post_init__(self):
         if self.candidates not in ("sample", "beam"):
