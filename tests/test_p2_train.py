@@ -252,6 +252,16 @@ def test_torchrun_two_processes_on_cpu(toy_world_small, tmp_path):
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]  # one writer: rank 0
 
+    scst = tmp_path / "ddp_scst"  # the self-critical stage over it, under torchrun too
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "p2_train.py"), "--device", "cpu", "--max-steps", "2", "--init", str(out),
+               "--config", str(CONFIGS / "toy_scst.yaml"), "--out", str(scst), "--set", "scst.max_length=10"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((scst / "summary.json").read_text())
+    assert summary["stage"] == "scst" and [e["step"] for e in summary["epochs"]] == [2]
+    assert "reward" in summary["epochs"][0]
+
 
 def parameter_comment(path: Path):
     """(while training, in the checkpoint) from the config's '# Trainable parameters: A while ..., B in ...' line."""
