@@ -200,13 +200,19 @@ def test_scst_stage_through_the_cli(tmp_path, capsys):
                  "--set", "scst.samples=3", "scst.max_length=8"]) == 0
     assert "nothing to do" in capsys.readouterr().out
 
-    # a cross-entropy run saved before the stage existed (no stage/init/scst fields) is still the same run
+    # a cross-entropy run saved before the stage existed (no stage/init/scst fields) is still the same run, and so
+    # is one saved with other (unused) scst values
     state = torch.load(str(xe / "resume.pt"))
     for key in ("stage", "init", "scst"):
         del state["config"][key]
     torch.save(state, str(xe / "resume.pt"))
-    assert main(["--config", TOY_LORA, "--toy-world", str(mini), "--out", str(xe), "--epochs", "1", *common]) == 0
-    assert "nothing to do" in capsys.readouterr().out
+    for overrides in ([], ["scst.samples=7"]):
+        assert main(["--config", TOY_LORA, "--toy-world", str(mini), "--out", str(xe), "--epochs", "1", *common,
+                     *overrides]) == 0
+        assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="another config"):  # in the stage itself they count
+        main(["--init", str(xe), "--config", TOY_SCST, "--out", str(scst), "--epochs", "2",
+              "--set", "scst.samples=2", "scst.max_length=8"])
 
 
 # ---- slow: the gain on the toy world ------------------------------------------------------------------------------

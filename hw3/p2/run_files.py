@@ -56,7 +56,8 @@ DERIVED_FIELDS = ("out", "model.encoder", "model.decoder.n_layer", "model.decode
 
 
 def requested(config: dict) -> dict:
-    """The config dict without DERIVED_FIELDS, flattened to dotted keys."""
+    """The config dict without DERIVED_FIELDS (and, outside the self-critical stage, without its unused `scst:`
+    section), flattened to dotted keys."""
     flat = {}
 
     def walk(values: dict, prefix: str) -> None:
@@ -66,7 +67,8 @@ def requested(config: dict) -> dict:
             else:
                 flat[f"{prefix}{key}"] = value
     walk(config, "")
-    return {key: value for key, value in flat.items() if key not in DERIVED_FIELDS}
+    unused = () if flat.get("stage") == "scst" else ("scst.",)
+    return {key: value for key, value in flat.items() if key not in DERIVED_FIELDS and not key.startswith(unused)}
 
 
 def finished_run(out: str, config: dict) -> Optional[dict]:
