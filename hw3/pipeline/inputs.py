@@ -87,11 +87,11 @@ class RunInputs:
         world = ToyWorld(self.data.parent)
         return world if world.manifest_path.is_file() and world.boxes.is_file() else None
 
-    def train_overrides(self, with_encoder: bool = True) -> List[str]:
-        """p2_train.py `--set` values naming the data and models (`with_encoder`: also the encoder; an SCST run
-        takes its model from the run it starts from)."""
+    def train_overrides(self) -> List[str]:
+        """p2_train.py `--set` values naming the data and models of a cross-entropy run (an SCST run takes them from
+        the run it starts from)."""
         overrides = [f"data_dir={self.p2_data}", f"decoder_weights={self.decoder}"]
-        if self.encoder and with_encoder:
+        if self.encoder:
             overrides.append(f"model.encoder={self.encoder}")
         if self.clip_model:
             overrides.append(f"clip_model={self.clip_model}")
