@@ -178,7 +178,7 @@ class RunFiles:
         if rewards:
             reward_axes = axes[2]
             reward_axes.plot([r["step"] for r in rewards], [r["reward"] for r in rewards], "o-",
-                             label="mean reward of the drawn captions")
+                             label="mean reward of the candidates")
             reward_axes.plot([r["step"] for r in rewards], [r["sample_cider"] for r in rewards], "s--",
                              label="their CIDEr-D (training references)")
             reward_axes.set(xlabel="optimizer step", title="SCST reward (per validation)")

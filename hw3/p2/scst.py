@@ -87,9 +87,9 @@ def baseline_rewards(rewards: torch.Tensor, greedy: Optional[torch.Tensor] = Non
 
 @dataclass
 class SCSTStats:
-    reward: float  # mean reward of the drawn captions
+    reward: float  # mean reward of the candidate captions
     cider: float  # their mean CIDEr-D (the reward without the CLIPScore part)
-    ended: float  # share of drawn captions that ended with the end token
+    ended: float  # share of candidates that ended with the end token
 
 
 class SelfCritical:

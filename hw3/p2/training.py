@@ -22,8 +22,8 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from statistics import mean
 from dataclasses import dataclass, field
+from statistics import mean
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -365,22 +365,22 @@ class Trainer:
                           train_loss=sum(losses) / max(1, len(losses)), CIDEr=scores["CIDEr"],
                           CLIPScore=scores["CLIPScore"], seconds=round(seconds, 2),
                           val_seconds=round(time.time() - started, 2))
-            if self.scst_stats:  # the training samples since the last validation
+            if self.scst_stats:  # the training candidates since the last validation
                 stats = self.scst_stats
                 record.update(reward=mean([s.reward for s in stats]), sample_cider=mean([s.cider for s in stats]),
                               sample_ended=mean([s.ended for s in stats]))
-                self.scst_stats = []
             progress.history.append(record)
             if progress.best is None or scores["CIDEr"] > progress.best["CIDEr"]:
                 progress.best, progress.best_epoch = scores, record["epoch"]
                 self.files.save_best(self.model, predictions)
             self.files.log(type="val", **record)
-            reward = f", mean sample reward {record['reward']:.4f}" if "reward" in record else ""
+            reward = f", mean candidate reward {record['reward']:.4f}" if "reward" in record else ""
             tqdm.write(f"epoch {record['epoch']} step {progress.step}: train loss {record['train_loss']:.4f}{reward}, "
                        f"val CIDEr {scores['CIDEr']:.4f}, CLIPScore {scores['CLIPScore']:.4f} "
                        f"({record['val_seconds']} s)")
             self.save_last()
             self.files.write_summary(self.config, self.config_file, self.paths, self.model, progress)
+        self.scst_stats = []  # on every rank (only rank 0 reports them)
         self.processes.barrier()
 
     def save_last(self) -> None:
