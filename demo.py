@@ -8,21 +8,25 @@
                                           entry that publishes the best checkpoint
     bash demo.sh --check [--data DIR]     the preflight only (python3 preflight.py DIR does the same)
     bash demo.sh --compare A/numbers.json B/numbers.json     "identical", or what differs
+    bash demo.sh --table demo_numbers.json                   README.md's results table of a numbers.json
 
 Each step prints what it runs and where it writes. A run begins with the preflight and stops when it fails. Run
 again, the same command skips the finished steps: p2_train.py leaves a finished run of the same config as it is and
 refuses to replace another one; the other steps are skipped when their outputs exist and came from the same command
-and inputs. The report goes to RESULTS/hw3_report.pdf; --publish-report also copies it to ./hw3_report.pdf.
+and inputs. P1's steps and the cross-entropy runs run two at a time on the toy world (--jobs; each toy run uses one
+CPU thread), one at a time with --data (one GPU). A toy run ends by comparing its numbers with the committed
+./demo_numbers.json: "identical", or what differs. The report goes to RESULTS/hw3_report.pdf; --publish also copies
+it to ./hw3_report.pdf and RESULTS/numbers.json to ./demo_numbers.json (the committed ones).
 """
 import argparse
 import os
 from pathlib import Path
 
 from hw3.common.errors import run_cli
-from hw3.common.files import cache_root, check_writable
+from hw3.common.files import cache_root, check_writable, read_json
 from hw3.pipeline.homework import run_homework
 from hw3.pipeline.inputs import TOY_WORLD_NAME, ResultPaths, add_input_options, inputs_from_args
-from hw3.pipeline.numbers import compare_files
+from hw3.pipeline.numbers import compare_files, readme_table
 from hw3.toy.world import ToyWorld
 
 
@@ -34,18 +38,29 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: %(default)s)")
     add_input_options(parser)
     parser.add_argument("--check", action="store_true", help="run the preflight only; exit 0 when it passes")
-    parser.add_argument("--publish-report", action="store_true",
-                        help="also copy the report to ./hw3_report.pdf (the committed one)")
+    parser.add_argument("--jobs", type=int, help="how many of P1's steps and the cross-entropy runs run at once "
+                                                 "(default: 2 on the toy world, 1 with --data)")
+    parser.add_argument("--publish", action="store_true",
+                        help="also copy the report to ./hw3_report.pdf and numbers.json to ./demo_numbers.json (the "
+                             "committed ones, which README.md quotes)")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
                         help="compare two numbers.json files and exit (0: identical, 1: they differ)")
+    parser.add_argument("--table", type=Path, metavar="NUMBERS_JSON",
+                        help="print README.md's results table made from a numbers.json and exit")
     args = parser.parse_args(argv)
     if args.compare:
         return 1 if compare_files(*args.compare) else 0
+    if args.table:
+        print(readme_table(read_json(args.table, "numbers.json")), end="")
+        return 0
+    jobs = args.jobs or (1 if args.data else 2)
+    if jobs < 1:
+        parser.error("--jobs must be at least 1")
     out = Path(os.path.abspath(args.out))
     check_writable(out, "folder")
     world = None if args.data else ToyWorld(cache_root() / TOY_WORLD_NAME)
     return run_homework(inputs_from_args(args, args.data, world), ResultPaths(out), build_world=world,
-                        publish_report=args.publish_report, check_only=args.check)
+                        publish=args.publish, check_only=args.check, jobs=jobs)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 through hw3_2.sh (the default decoding), scored by p2_evaluate.py.
 
     python3 bench/p2_scst_gains.py ~/.cache/dlcv-hw3/toyworld-seed0 --runs runs/scst_gains [--methods lora adapter]
-        [--seeds 0 1] [--scst-config configs/toy_scst.yaml] [--json-out gains.json]
+        [--seeds 0 1] [--scst-config configs/toy_scst.yaml] [--scst-threads N] [--json-out gains.json]
 
 For each method and seed: p2_train.py with configs/toy_METHOD.yaml (--set seed=S), then the SCST stage over it
 (--init), both skipped when their run folder already holds the finished run. Then each best checkpoint goes through
@@ -11,7 +11,6 @@ frequent template ("There is ... on a noisy background", 19% of the references) 
 word (hw3.p2.scst.DANGLING_WORDS), then the gain of SCST over its cross-entropy start.
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -63,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=["lora", "adapter"], choices=["adapter", "prefix", "lora"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--scst-config", default="configs/toy_scst.yaml")
+    parser.add_argument("--scst-threads", type=int,
+                        help="CPU threads of the SCST runs (default: the config's; 1 when two benches share 2 cores)")
     parser.add_argument("--json-out", help="also write the table as JSON here")
     args = parser.parse_args(argv)
     world = ToyWorld(args.toy_world)
@@ -73,7 +74,8 @@ def main(argv=None):
             scst = xe + "_scst"
             run([sys.executable, "p2_train.py", "--config", f"configs/toy_{method}.yaml", "--toy-world",
                  str(world.root), "--out", xe, "--set", f"seed={seed}"])
-            run([sys.executable, "p2_train.py", "--init", xe, "--config", args.scst_config, "--out", scst])
+            threads = ["--set", f"cpu_threads={args.scst_threads}"] if args.scst_threads else []
+            run([sys.executable, "p2_train.py", "--init", xe, "--config", args.scst_config, "--out", scst, *threads])
             before, after = evaluate(world, xe), evaluate(world, scst)
             rows.append({"method": method, "seed": seed, "xe": before, "scst": after,
                          "scst_epoch_seconds": round(epoch_seconds(scst), 1),

@@ -5,10 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from demo import main as demo_main
+from hw3.common.files import read_json
+from hw3.pipeline.homework import lanes
 from hw3.pipeline.inputs import CONFIG_SETS, add_input_options, inputs_from_args
-from hw3.pipeline.numbers import compare_numbers
-from hw3.pipeline.steps import Step, StepRunner
+from hw3.pipeline.numbers import compare_numbers, readme_table
+from hw3.pipeline.steps import Step, StepFailed, StepRunner
 from hw3.toy.world import ToyWorld
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +61,33 @@ def test_a_step_is_skipped_only_when_it_finished_with_the_same_command_and_input
     assert "running it again" in run(copy + ["another argument"])
 
 
+def test_lanes_deal_the_training_runs_and_put_the_others_after_the_shortest_lane():
+    training, others = [Step(name, [], []) for name in "abc"], [Step(name, [], []) for name in "pq"]
+    assert [[step.title for step in lane] for lane in lanes(training, others, 2)] == [["a", "c"], ["b", "p", "q"]]
+    assert [[step.title for step in lane] for lane in lanes(training, others, 1)] == [["a", "b", "c", "p", "q"]]
+
+
+def test_steps_run_together_with_their_output_in_logs_and_a_failure_stops_the_lanes(tmp_path, capsys):
+    def write(name: str, text: str) -> Step:
+        return Step(name, [sys.executable, "-c", f"print({text!r}); open({str(tmp_path / name)!r}, 'w').write('x')"],
+                    [tmp_path / name])
+
+    runner = StepRunner(tmp_path / "steps.json")
+    runner.run_together([[write("a", "from a"), write("b", "from b")], [write("c", "from c")]], tmp_path / "logs")
+    assert all((tmp_path / name).is_file() for name in "abc")
+    logs = sorted(path.read_text() for path in (tmp_path / "logs").iterdir())
+    assert logs == ["from a\n", "from b\n", "from c\n"]
+    assert capsys.readouterr().out.count("done in") == 3
+    assert set(read_json(tmp_path / "steps.json")) == {"a", "b", "c"}
+
+    fail = Step("fail", [sys.executable, "-c", "import sys; print('the reason'); sys.exit(3)"], [tmp_path / "f"])
+    blocker = Step("slow", [sys.executable, "-c", "import time; time.sleep(1)"], [tmp_path / "s"])
+    with pytest.raises(StepFailed, match="(?s)fail failed \\(exit status 3\\).*the reason"):
+        StepRunner(None).run_together([[fail, write("after", "never")], [blocker, write("later", "never")]],
+                                      tmp_path / "logs2")
+    assert not (tmp_path / "after").exists() and not (tmp_path / "later").exists()
+
+
 def test_compare_numbers():
     first = {"p1": {"accuracy": 87.5}, "p2": {"runs": {"toy_lora": {"CIDEr": 1.8, "sha256": "ab"}}}}
     assert compare_numbers(first, first) == []
@@ -72,6 +103,12 @@ def test_compare_through_the_command_line(tmp_path, capsys):
     assert capsys.readouterr().out == "identical\n"
     assert demo_main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
     assert "x: 1 vs 2" in capsys.readouterr().out
+
+
+def test_the_readme_quotes_the_committed_numbers():
+    """README.md's results table is the one made from demo_numbers.json (what `bash demo.sh --publish` wrote)."""
+    table = readme_table(read_json(ROOT / "demo_numbers.json"))
+    assert table in (ROOT / "README.md").read_text(), "paste the output of: bash demo.sh --table demo_numbers.json"
 
 
 def test_demo_sh_help_prints_help():

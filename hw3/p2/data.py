@@ -11,6 +11,7 @@ Because the encoder is frozen, its tokens for an (unaugmented) image never chang
 stores them as float16 in a .npy file next to a JSON description, and reads them back memory-mapped, so later runs
 with the same encoder and images skip the encoder entirely.
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -120,25 +121,27 @@ def feature_cache(encoder: ImageEncoder, paths: Sequence[str], cache_dir: str, d
                    "paths": [os.path.abspath(p) for p in paths]}
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"features-{digest}.npy")
-    if os.path.isfile(path):
-        cache = FeatureCache(path)
-        if len(cache) == len(paths):
-            return cache
     os.makedirs(cache_dir, exist_ok=True)
-    shape = (len(paths), encoder.n_tokens, encoder.width)
-    partial = f"{path}.{os.getpid()}.partial"
-    features = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
-    loader = DataLoader(ImageFiles(paths, encoder.preprocess), batch_size=batch_size, num_workers=num_workers)
-    start = 0
-    for images in tqdm(loader, desc=f"caching encoder tokens {list(shape)}", leave=False):
-        tokens = encoder(images.to(device))
-        features[start:start + len(tokens)] = tokens.half().cpu().numpy()
-        start += len(tokens)
-    features.flush()
-    del features
-    write_json_atomically(os.path.join(cache_dir, f"features-{digest}.json"),
-                          dict(description, shape=list(shape), dtype="float16"))
-    os.replace(partial, path)  # atomic: a half-written cache is never picked up
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once with the same images: one computes, the other waits
+        if os.path.isfile(path):
+            cache = FeatureCache(path)
+            if len(cache) == len(paths):
+                return cache
+        shape = (len(paths), encoder.n_tokens, encoder.width)
+        partial = f"{path}.{os.getpid()}.partial"
+        features = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
+        loader = DataLoader(ImageFiles(paths, encoder.preprocess), batch_size=batch_size, num_workers=num_workers)
+        start = 0
+        for images in tqdm(loader, desc=f"caching encoder tokens {list(shape)}", leave=False):
+            tokens = encoder(images.to(device))
+            features[start:start + len(tokens)] = tokens.half().cpu().numpy()
+            start += len(tokens)
+        features.flush()
+        del features
+        write_json_atomically(os.path.join(cache_dir, f"features-{digest}.json"),
+                              dict(description, shape=list(shape), dtype="float16"))
+        os.replace(partial, path)  # atomic: a half-written cache is never picked up
     return FeatureCache(path)
 
 

@@ -6,7 +6,8 @@
     numbers.json -> the checkpoints.json entry that publishes the best checkpoint.
 
 Every step is a command line (printed before it runs, hw3/pipeline/steps.py) built from RunInputs alone, so the toy
-world and the course data go through the same code with other inputs.
+world and the course data go through the same code with other inputs. With jobs > 1, P1's steps and the
+cross-entropy runs share that many lanes (each step's output then goes to RESULTS/logs/); the rest runs in order.
 """
 import json
 import os
@@ -14,17 +15,18 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from hw3.common.files import REPO_ROOT, read_json, sha256_file, write_atomically, write_json_atomically
 from hw3.common.manifest import DEFAULT_CHECKPOINT, load_manifest
 from hw3.pipeline.inputs import ResultPaths, RunInputs
-from hw3.pipeline.numbers import collect_numbers
+from hw3.pipeline.numbers import collect_numbers, compare_files
 from hw3.pipeline.preflight import passed, run_preflight
 from hw3.pipeline.steps import Step, StepRunner
 from hw3.toy.world import ToyWorld
 
 PUBLISHED_REPORT = REPO_ROOT / "hw3_report.pdf"
+PUBLISHED_NUMBERS = REPO_ROOT / "demo_numbers.json"  # the default toy run's numbers.json, which README.md quotes
 
 
 def option(flag: str, value) -> List[str]:
@@ -56,39 +58,52 @@ def training_step(title: str, command: List[str], out: Path) -> Step:
     return Step(title, command, [out / "summary.json", out / "best.safetensors"], always=True)
 
 
-def p1_steps(runner: StepRunner, inputs: RunInputs, results: ResultPaths) -> None:
+def p1_steps(inputs: RunInputs, results: ResultPaths) -> List[Step]:
     model = option("--model", inputs.clip_model)
-    runner.run(Step("P1: zero-shot classification of the val images through hw3_1.sh",
-                    ["bash", "hw3_1.sh", str(inputs.p1_val), str(inputs.id2label), str(results.p1_csv), *model],
-                    [results.p1_csv]))
-    runner.run(Step("P1: the report's analyses (prompt table, top-5 probabilities, confusions)",
-                    ["python3", "p1_clip.py", "report", str(inputs.p1_val), str(inputs.id2label), "--out-dir",
-                     str(results.p1), *model],
-                    [results.p1 / name for name in ("summary.json", "accuracy.csv", "top5.png", "top5.json")]))
+    return [Step("P1: zero-shot classification of the val images through hw3_1.sh",
+                 ["bash", "hw3_1.sh", str(inputs.p1_val), str(inputs.id2label), str(results.p1_csv), *model],
+                 [results.p1_csv]),
+            Step("P1: the report's analyses (prompt table, top-5 probabilities, confusions)",
+                 ["python3", "p1_clip.py", "report", str(inputs.p1_val), str(inputs.id2label), "--out-dir",
+                  str(results.p1), *model],
+                 [results.p1 / name for name in ("summary.json", "accuracy.csv", "top5.png", "top5.json")])]
 
 
-def p2_training(runner: StepRunner, inputs: RunInputs, results: ResultPaths) -> List[TrainedRun]:
-    """One cross-entropy run per config, then the self-critical stage on the best of them; returns every run."""
-    runs = []
+def cross_entropy_runs(inputs: RunInputs, results: ResultPaths) -> Tuple[List[TrainedRun], List[Step]]:
+    """One cross-entropy run per config: the runs, and the steps that train them."""
+    runs, steps = [], []
     for config in inputs.configs:
         out = results.run(config)
-        runner.run(training_step(f"P2: train {config}", ["python3", "p2_train.py", "--config", config, "--out",
-                                                         str(out), "--set", *inputs.train_overrides()], out))
+        steps.append(training_step(f"P2: train {config}", ["python3", "p2_train.py", "--config", config, "--out",
+                                                           str(out), "--set", *inputs.train_overrides()], out))
         runs.append(TrainedRun(out, f"p2_train.py --config {config}"))
+    return runs, steps
+
+
+def lanes(training: List[Step], others: List[Step], jobs: int) -> List[List[Step]]:
+    """`jobs` lanes of steps to run at once: the training steps dealt in turn, then `others` (in order) after the
+    lane with the fewest."""
+    dealt = [training[lane::jobs] for lane in range(jobs)]
+    min(reversed(dealt), key=len).extend(others)
+    return dealt
+
+
+def self_critical_run(runner: StepRunner, inputs: RunInputs, results: ResultPaths,
+                      runs: List[TrainedRun]) -> List[TrainedRun]:
+    """The self-critical stage on the best of `runs` (by val CIDEr): [its run], or [] when there is none."""
     best = max(runs, key=lambda run: run.cider)
     if inputs.scst_config is None:
         runner.announce("P2: self-critical stage", ["skipped: --no-scst"])
-    elif not (REPO_ROOT / inputs.scst_config).is_file():
+        return []
+    if not (REPO_ROOT / inputs.scst_config).is_file():
         runner.announce("P2: self-critical stage", [f"skipped: its config {inputs.scst_config} does not exist "
                                                     "(give --scst-config FILE, or --no-scst)"])
-    else:
-        out = results.p2 / f"{best.folder.name}_scst"
-        runner.run(training_step(f"P2: self-critical stage from the best run so far, {best.folder.name}",
-                                 ["python3", "p2_train.py", "--init", str(best.folder), "--config",
-                                  inputs.scst_config, "--out", str(out)], out))
-        runs.append(TrainedRun(out, f"p2_train.py --init <the {best.folder.name} run> --config "
-                                    f"{inputs.scst_config}"))
-    return runs
+        return []
+    out = results.p2 / f"{best.folder.name}_scst"
+    runner.run(training_step(f"P2: self-critical stage from the best run so far, {best.folder.name}",
+                             ["python3", "p2_train.py", "--init", str(best.folder), "--config", inputs.scst_config,
+                              "--out", str(out)], out))
+    return [TrainedRun(out, f"p2_train.py --init <the {best.folder.name} run> --config {inputs.scst_config}")]
 
 
 def choose_best(runner: StepRunner, runs: List[TrainedRun]) -> TrainedRun:
@@ -144,8 +159,24 @@ def report_step(runner: StepRunner, results: ResultPaths, world: Optional[ToyWor
                                str(results.p2), "--p3-dir", str(results.p3), *toy_world, "--out",
                                str(results.report)], [results.report], always=True))
     if publish:
-        write_atomically(PUBLISHED_REPORT, lambda temporary: shutil.copyfile(results.report, temporary))
-        print(f"   --publish-report: copied it to {PUBLISHED_REPORT} (the committed report)")
+        publish_file(results.report, PUBLISHED_REPORT)
+
+
+def publish_file(source: Path, destination: Path) -> None:
+    write_atomically(destination, lambda temporary: shutil.copyfile(source, temporary))
+    print(f"   --publish: copied it to {destination} (committed)", flush=True)
+
+
+def comparison_step(runner: StepRunner, results: ResultPaths, publish: bool) -> None:
+    """This run's numbers against the committed ones (then, with `publish`, they replace them)."""
+    runner.announce(f"This run's numbers against the committed {PUBLISHED_NUMBERS.name} (the default `bash demo.sh`"
+                    " on this machine kind; README.md quotes it)")
+    if PUBLISHED_NUMBERS.is_file():
+        compare_files(PUBLISHED_NUMBERS, results.numbers)
+    else:
+        print(f"   {PUBLISHED_NUMBERS} does not exist yet")
+    if publish:
+        publish_file(results.numbers, PUBLISHED_NUMBERS)
 
 
 def publication_lines(best: TrainedRun, world: Optional[ToyWorld]) -> List[str]:
@@ -166,9 +197,10 @@ def publication_lines(best: TrainedRun, world: Optional[ToyWorld]) -> List[str]:
 
 
 def run_homework(inputs: RunInputs, results: ResultPaths, build_world: Optional[ToyWorld] = None,
-                 publish_report: bool = False, check_only: bool = False) -> int:
+                 publish: bool = False, check_only: bool = False, jobs: int = 1) -> int:
     """The whole pipeline (check_only: the preflight alone); returns the exit status (1: the preflight failed).
-    `build_world`: the toy world to build, or reuse, first. A failing step raises StepFailed."""
+    `build_world`: the toy world to build, or reuse, first. `jobs`: how many of P1's steps and the cross-entropy
+    runs run at once (1: one after another, their output on the terminal). A failing step raises StepFailed."""
     started = time.time()
     runner = StepRunner(None if check_only else results.steps)
     if build_world:
@@ -180,14 +212,19 @@ def run_homework(inputs: RunInputs, results: ResultPaths, build_world: Optional[
     if check_only:
         return 0
     world = inputs.toy_world()
-    p1_steps(runner, inputs, results)
-    runs = p2_training(runner, inputs, results)
+    runs, training = cross_entropy_runs(inputs, results)
+    if jobs > 1:
+        runner.run_together(lanes(training, p1_steps(inputs, results), jobs), results.logs)
+    else:
+        for step in p1_steps(inputs, results) + training:
+            runner.run(step)
+    runs += self_critical_run(runner, inputs, results, runs)
     best = choose_best(runner, runs)
     submission_steps(runner, inputs, results, best)
     p3_steps(runner, inputs, results, best, world)
-    report_step(runner, results, world, publish_report)
+    report_step(runner, results, world, publish)
 
-    numbers = collect_numbers(results, [run.folder for run in runs], best.folder)
+    numbers = collect_numbers(inputs, results, [run.folder for run in runs], best.folder)
     write_json_atomically(results.numbers, numbers, indent=1, sort_keys=True)
     submitted = numbers["p2"]["submitted"]
     runner.announce("Numbers", [f"P1 hw3_1.sh: {numbers['p1']['hw3_1']['accuracy']:.2f}% of "
@@ -197,6 +234,8 @@ def run_homework(inputs: RunInputs, results: ResultPaths, build_world: Optional[
                                 f"all of them, with the checkpoints' sha256: {results.numbers} (compare two runs: "
                                 "bash demo.sh --compare A/numbers.json B/numbers.json)"])
     runner.announce("Publishing the best checkpoint", publication_lines(best, world))
+    if world:
+        comparison_step(runner, results, publish)
 
     def shown(path: Path) -> str:
         return os.path.relpath(path, results.root)
@@ -206,7 +245,8 @@ def run_homework(inputs: RunInputs, results: ResultPaths, build_world: Optional[
         f"P2      {', '.join(shown(run.folder) for run in runs)} (run folders); {shown(results.val_predictions)} "
         f"(hw3_2.sh, {best.folder.name}), {shown(results.val_scores)} and {shown(results.val_scores_csv)} (scores)",
         f"P3      {shown(results.p3)}/ (figures" + (", grounding)" if world else ")"),
-        f"report  {shown(results.report)}" + (f" (also {PUBLISHED_REPORT})" if publish_report else ""),
+        f"report  {shown(results.report)}" + (f" (also {PUBLISHED_REPORT})" if publish else ""),
         f"numbers {shown(results.numbers)}; what each step ran: {shown(results.steps)} (the same command again "
-        "skips the finished steps)"]))
+        "skips the finished steps)" + (f"; the output of the steps that ran at once: {shown(results.logs)}/"
+                                       if jobs > 1 else "")]))
     return 0

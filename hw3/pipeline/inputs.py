@@ -158,6 +158,10 @@ class ResultPaths:
     def steps(self) -> Path:  # what each finished step ran (hw3.pipeline.steps)
         return self.root / "steps.json"
 
+    @property
+    def logs(self) -> Path:  # the output of the steps that ran at once (StepRunner.run_together)
+        return self.root / "logs"
+
 
 # ---- the command line (demo.py and preflight.py) ------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """RESULTS/numbers.json: a run's headline numbers and the sha256 of what it made, and comparing two of them.
 
-    {"p1": {"hw3_1": {images, correct, accuracy, csv_sha256}, "prompts": {"PROMPT | templates T | ...": accuracy}},
+    {"inputs": {"decoder_sha256", "encoder", "clip_model"}: the pretrained files' sha256 (a model name as given),
+     "toy_world": {generator_version, hash}      (toy world only),
+     "p1": {"hw3_1": {images, correct, accuracy, csv_sha256}, "prompts": {"PROMPT | templates T | ...": accuracy}},
      "p2": {"runs": {RUN: {CIDEr, CLIPScore, best_epoch, checkpoint_params, checkpoint_sha256}},
             "submitted": {run, CIDEr, CLIPScore, captions_sha256}},
      "p3": {"grounding": {best_layer, words_scored, ratio_by_layer}}}      (p3: toy world only)
@@ -10,10 +12,10 @@ identical files wherever they ran. `compare_numbers` lists what differs ([] = id
 """
 import csv
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from hw3.common.files import read_json, sha256_file
-from hw3.pipeline.inputs import ResultPaths
+from hw3.pipeline.inputs import ResultPaths, RunInputs
 
 
 def read_rows(path: Path) -> List[dict]:
@@ -43,10 +45,26 @@ def run_numbers(run: Path) -> dict:
             "checkpoint_sha256": sha256_file(run / "best.safetensors")}
 
 
-def collect_numbers(results: ResultPaths, runs: Sequence[Path], submitted: Path) -> dict:
+def model_identity(model: Optional[str]) -> Optional[str]:
+    """A model file's sha256, or the model's name (a CLIP or timm name, or None: the tool's default)."""
+    return sha256_file(Path(model)) if model and Path(model).is_file() else model
+
+
+def input_numbers(inputs: RunInputs) -> dict:
+    numbers = {"inputs": {"decoder_sha256": sha256_file(inputs.decoder), "encoder": model_identity(inputs.encoder),
+                          "clip_model": model_identity(inputs.clip_model)}}
+    world = inputs.toy_world()
+    if world:
+        manifest = world.manifest()
+        numbers["toy_world"] = {"generator_version": manifest["generator_version"], "hash": manifest["hash"]}
+    return numbers
+
+
+def collect_numbers(inputs: RunInputs, results: ResultPaths, runs: Sequence[Path], submitted: Path) -> dict:
     """The numbers of a finished run (`runs`: its P2 run folders; `submitted`: the one hw3_2.sh used)."""
     scores = read_json(results.val_scores, "p2_evaluate.py summary")
     numbers = {
+        **input_numbers(inputs),
         "p1": {"hw3_1": csv_accuracy(results.p1_csv), "prompts": prompt_table(results.p1 / "accuracy.csv")},
         "p2": {"runs": {run.name: run_numbers(run) for run in runs},
                "submitted": {"run": submitted.name, "CIDEr": scores["CIDEr"], "CLIPScore": scores["CLIPScore"],
@@ -92,3 +110,42 @@ def compare_files(first: Path, second: Path) -> List[str]:
     for line in differences:
         print(f"  {line}")
     return differences
+
+
+PLAIN_PROMPT = "a photo of a {object}. | templates 1 | synonyms no | flip no"
+
+
+def readme_table(numbers: dict) -> str:
+    """The README's results table, made from a numbers.json (tests/test_pipeline.py checks that README.md holds the
+    one of the committed demo_numbers.json): each headline number beside the sha256 (first 16 hex digits) of the file
+    it was read from or computed with, then the toy world and its two trained models."""
+    def digest(value: str) -> str:
+        return f"`{value[:16]}`"
+
+    p1, p2 = numbers["p1"], numbers["p2"]
+    submitted = p2["submitted"]
+    rows = [("P1 `hw3_1.sh`: 18-template ensemble, mirror images (accuracy)", f"{p1['hw3_1']['accuracy']:.2f}%",
+             f"pred.csv {digest(p1['hw3_1']['csv_sha256'])}"),
+            ('P1 plain prompt "a photo of a {object}." (accuracy)', f"{p1['prompts'][PLAIN_PROMPT]:.2f}%",
+             f"clip.pt {digest(numbers['inputs']['clip_model'])}")]
+    for name, run in sorted(p2["runs"].items()):
+        rows.append((f"P2 {name}: best val CIDEr / CLIPScore (epoch {run['best_epoch']})",
+                     f"{run['CIDEr']:.4f} / {run['CLIPScore']:.4f}",
+                     f"best.safetensors {digest(run['checkpoint_sha256'])}"))
+    rows.append((f"P2 `hw3_2.sh` with {submitted['run']}, scored by `p2_evaluate.py`: CIDEr / CLIPScore",
+                 f"{submitted['CIDEr']:.4f} / {submitted['CLIPScore']:.4f}",
+                 f"val_pred.json {digest(submitted['captions_sha256'])}"))
+    if "p3" in numbers:
+        grounding = numbers["p3"]["grounding"]
+        ratio = grounding["ratio_by_layer"][str(grounding["best_layer"])]
+        rows.append((f"P3 grounding with {submitted['run']}: attention share in the named object's box / the box's "
+                     f"share of the image ({grounding['words_scored']} words)", f"{ratio:.2f}x",
+                     f"best.safetensors {digest(p2['runs'][submitted['run']]['checkpoint_sha256'])}"))
+    lines = ["| what | number | sha256 of the file |", "|---|---|---|"]
+    lines += [f"| {what} | {number} | {made_by} |" for what, number, made_by in rows]
+    if "toy_world" in numbers:
+        world = numbers["toy_world"]
+        lines += ["", f"Toy world {world['generator_version']}, hash `{world['hash']}`: tiny CLIP `clip.pt` "
+                      f"{digest(numbers['inputs']['clip_model'])}, tiny GPT-2 `decoder_model.bin` "
+                      f"{digest(numbers['inputs']['decoder_sha256'])}."]
+    return "\n".join(lines) + "\n"

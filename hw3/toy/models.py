@@ -197,7 +197,8 @@ def train_tiny_clip(images: torch.Tensor, captions: List[List[str]], keys: List[
     "a {shape}." and its colour among "a {colour} shape." (image-to-text InfoNCE; these prompts are true captions of
     the image and no prompt set holds a duplicate). Progressive resizing: the first epochs see the images shrunk to
     `config.low_res_size`, the last `config.full_size_epochs` see them as given (`config.image_size`).
-    Returns (model in eval mode, history: one record per epoch).
+    Returns (model in eval mode, history: one record per epoch, with `evaluate`'s results at the last epoch of each
+    resolution).
     """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -258,7 +259,8 @@ def train_tiny_clip(images: torch.Tensor, captions: List[List[str]], keys: List[
             losses.append(loss.item())
         record = {"epoch": epoch + 1, "image_size": model.visual.input_resolution,
                   "loss": round(float(np.mean(losses)), 4), "seconds": round(time.time() - start, 1)}
-        record.update(evaluate(model) if evaluate else {})
+        if evaluate and epoch + 1 in (low_res_epochs, config.epochs):  # each resolution's last epoch: ~3 s each
+            record.update(evaluate(model))
         history.append(record)
         print("tiny CLIP " + " ".join(f"{k}={v}" for k, v in record.items()), flush=True)
     model.token_embedding = model.token_embedding.write_back(full_embedding.to(device))

@@ -37,7 +37,7 @@ from hw3.toy import models
 from hw3.toy.scenes import (CLASSES, COLOURS, HELD_OUT, SHAPES, Obj, captions_for, draw_scene, object_record,
                             sample_scene, single_object_image)
 
-GENERATOR_VERSION = "toyworld-v3"
+GENERATOR_VERSION = "toyworld-v4"
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,10 @@ class WorldConfig:
     p2_val: int = 500
     p1_size: int = 64             # p1 images are small square PNGs (the course's are 32 px)
     p2_size: int = 96             # p2 scenes are JPEGs at the CLIP input size (96 px) or larger, some not square
-    clip_images_per_class: int = 192  # single-object images in the tiny CLIP's training set
+    clip_images_per_class: int = 128  # single-object images in the tiny CLIP's training set (toyworld-v3: 192)
     clip_epochs: int = 10         # the last 3 at 96 px, the others at 64 px (ClipConfig: progressive resizing)
     lm_epochs: int = 2
+    threads: int = 2              # torch CPU threads while training, fixed: the weights must not depend on the machine
 
     @classmethod
     def make(cls, small: bool = False, seed: int = 0) -> "WorldConfig":
@@ -272,23 +273,32 @@ def p1_val_tensors(out_dir: Path):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
 
 
-def train_models(out_dir: Path, config: WorldConfig, boxes: dict) -> dict:
-    """Trains and saves clip.pt and decoder_model.bin; returns their metrics (CLIP learning curve, perplexities)."""
+def train_models(out_dir: Path, config: WorldConfig, boxes: dict, seconds: Dict[str, float]) -> dict:
+    """Trains and saves clip.pt and decoder_model.bin; returns their metrics (CLIP learning curve, perplexities).
+    Adds the time of each phase to `seconds`."""
+    started = time.time()
     images, captions, keys, groups, attributes = clip_training_set(out_dir, config, boxes)
     val_images, val_labels = p1_val_tensors(out_dir)
+    seconds["clip_data"] = round(time.time() - started, 1)
+    started = time.time()
     clip_config = models.ClipConfig(epochs=config.clip_epochs, seed=config.seed)
-    evaluate = lambda model: {"p1_val_acc": models.zero_shot_accuracy(model, val_images, val_labels, CLASSES)}
+
+    def evaluate(model) -> Dict[str, float]:
+        return {"p1_val_acc": models.zero_shot_accuracy(model, val_images, val_labels, CLASSES)}
     model, history = models.train_tiny_clip(images, captions, keys, groups, clip_config, attributes, evaluate,
-                                                extra_prompts=[f"a photo of a {c}." for c in CLASSES])
+                                            extra_prompts=[f"a photo of a {c}." for c in CLASSES])
     world = ToyWorld(out_dir)
     torch.save(models.clip_state_dict(model), world.clip)
+    seconds["clip"] = round(time.time() - started, 1)
 
+    started = time.time()
     p2 = world.p2_data
     train_captions = [a["caption"] for a in json.loads((p2 / "train.json").read_text())["annotations"]]
     val_captions = [a["caption"] for a in json.loads((p2 / "val.json").read_text())["annotations"]]
     lm_config = models.LMConfig(epochs=config.lm_epochs, seed=config.seed)
     decoder, lm_metrics = models.train_tiny_lm(train_captions, lm_config, val_captions)
     torch.save(course_state_dict(decoder), world.decoder)
+    seconds["lm"] = round(time.time() - started, 1)
     return {"clip": {"config": dataclasses.asdict(clip_config), "training_images": len(images),
                      "history": history},
             "lm": {"config": dataclasses.asdict(lm_config), **lm_metrics}}
@@ -330,19 +340,23 @@ def build_toy_world(out_dir, small: bool = False, seed: int = 0) -> Path:
         staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads)
         try:
             start, cpu_start = time.time(), time.process_time()
             boxes = write_dataset(staging, config)
-            data_seconds = time.time() - start
-            metrics = train_models(staging, config, boxes)
+            seconds = {"data": round(time.time() - start, 1)}
+            metrics = train_models(staging, config, boxes, seconds)
             manifest = {"generator_version": GENERATOR_VERSION, "hash": digest,
                         "settings": dataclasses.asdict(config), "build_seconds": round(time.time() - start, 1),
-                        "data_seconds": round(data_seconds, 1),
-                        "build_cpu_seconds": round(time.process_time() - cpu_start, 1), **metrics}
+                        "phase_seconds": seconds, "build_cpu_seconds": round(time.process_time() - cpu_start, 1),
+                        **metrics}
             (staging / "toyworld.json").write_text(json.dumps(manifest, indent=1))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        finally:
+            torch.set_num_threads(threads)
         if out_dir.exists():
             retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.rename(out_dir, retired)
@@ -366,6 +380,9 @@ def describe(out_dir, seconds: float) -> str:
                        (world.decoder, "tiny GPT-2 LM (course format)"),
                        (world.boxes, "object boxes, held-out pairs"), (world.manifest_path, "manifest and metrics")]:
         lines.append(f"  {path}: {what}")
+    phases = manifest.get("phase_seconds", {})
+    if phases:
+        lines.append("  build time by phase: " + ", ".join(f"{name} {seconds} s" for name, seconds in phases.items()))
     lines.append(f"  tiny CLIP p1 val accuracy: {manifest['clip']['history'][-1]['p1_val_acc']:.3f}; tiny LM val "
                  f"perplexity {manifest['lm']['val_perplexity']:.2f} (unigram "
                  f"{manifest['lm']['unigram_val_perplexity']:.2f})")
