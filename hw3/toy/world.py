@@ -111,7 +111,7 @@ class WorldConfig:
     clip_images_per_class: int = 192  # single-object images in the tiny CLIP's training set (128: 83% zero-shot)
     clip_epochs: int = 10         # the last 3 at 96 px, the others at 64 px (ClipConfig: progressive resizing)
     lm_epochs: int = 2
-    threads: int = 2              # torch CPU threads while training, fixed: the weights must not depend on the machine
+    threads: int = 2              # torch CPU threads while training (deterministic algorithms on): fixed in code
 
     @classmethod
     def make(cls, small: bool = False, seed: int = 0) -> "WorldConfig":
@@ -340,8 +340,9 @@ def build_toy_world(out_dir, small: bool = False, seed: int = 0) -> Path:
         staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        threads = torch.get_num_threads()
+        threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
         torch.set_num_threads(config.threads)
+        torch.use_deterministic_algorithms(True)  # with 2 threads the embedding rows' backward was not
         try:
             start, cpu_start = time.time(), time.process_time()
             boxes = write_dataset(staging, config)
@@ -357,6 +358,7 @@ def build_toy_world(out_dir, small: bool = False, seed: int = 0) -> Path:
             raise
         finally:
             torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
         if out_dir.exists():
             retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.rename(out_dir, retired)
