@@ -246,5 +246,5 @@ def test_scst_raises_the_toy_cider_by_ten_percent(toy_world, toy_run, tmp_path):
           f"{after['CIDEr']:.3f} CLIPScore {after['CLIPScore']:.3f}; dangling ends "
           f"{dangling_share(before_captions):.1%} -> {dangling_share(after_captions):.1%}")
     assert after["CIDEr"] >= 1.10 * before["CIDEr"]
-    assert after["CLIPScore"] >= 0.99 * before["CLIPScore"]
+    assert after["CLIPScore"] >= before["CLIPScore"]  # the reward mixes CLIPScore in (scst.clip_weight)
     assert dangling_share(after_captions) <= dangling_share(before_captions)

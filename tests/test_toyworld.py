@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from hw3.common.errors import UserError
+from hw3.common.files import sha256_file
 from hw3.toy import models as toy_models
 from hw3.toy import world as toyworld
 from hw3.toy.scenes import CLASSES, COLOURS, HELD_OUT, SHAPES
@@ -191,6 +192,18 @@ def test_concurrent_builds_share_one_complete_world(tmp_path):
     assert all(process.wait(timeout=900) == 0 for process in processes)
     assert load(tmp_path / "world" / "toyworld.json")["settings"]["seed"] == 1
     assert sorted(path.name for path in tmp_path.iterdir() if not path.name.endswith(".lock")) == ["world"]
+
+
+@pytest.mark.slow
+def test_two_builds_at_once_give_byte_identical_models(tmp_path):
+    """Issue 18: the weights depend on the seed alone, not on the load (two builds share the cores) or the folder."""
+    command = [sys.executable, "-c", "import sys; from hw3.toy.world import build_toy_world; "
+                                     "build_toy_world(sys.argv[1], small=True, seed=2)"]
+    processes = [subprocess.Popen(command + [str(tmp_path / name)], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for name in ("a", "b")]
+    assert all(process.wait(timeout=900) == 0 for process in processes)
+    for name in ("clip.pt", "decoder_model.bin", "boxes.json"):
+        assert sha256_file(tmp_path / "a" / name) == sha256_file(tmp_path / "b" / name), name
 
 
 # ---------------------------------------------------------------------------------------------------- the models
