@@ -9,7 +9,7 @@ from PIL import Image
 
 from decoder import Decoder, GPTConfig, course_state_dict, select_batch
 from hw3.p2.checkpoint import (count_checkpoint_params, load_captioner, load_trainable, read_checkpoint,
-                               save_trainable)
+                               save_trainable, tensors_sha256)
 from hw3.p2.encoder import clip_vit_tokens, load_image_encoder
 from hw3.p2.model import (MAX_TRAINABLE, CaptionConfig, CaptionModel, build_caption_model, parameter_table,
                           trainable_state_dict)
@@ -198,6 +198,21 @@ def test_checkpoint_round_trip_holds_only_trainable_tensors(files, tmp_path, rec
         assert resumed.prefix.reparameterised
         with torch.no_grad():
             assert torch.allclose(resumed.eval()(IDS, tokens), model(IDS, tokens), atol=1e-5)
+
+
+def test_the_tensors_digest_ignores_the_metadata_and_sees_every_value(files, tmp_path):
+    """numbers.json's checkpoint digest: the same weights with the encoder at another path digest alike."""
+    model = build_caption_model(tiny_config(files[0], "adapter"), files[1]).eval()
+    randomise_trainable(model)
+    save_trainable(model, str(tmp_path / "a.safetensors"))
+    model.config = dataclasses.replace(model.config, encoder="/elsewhere/clip.pt")
+    save_trainable(model, str(tmp_path / "b.safetensors"))
+    assert (tmp_path / "a.safetensors").read_bytes() != (tmp_path / "b.safetensors").read_bytes()
+    assert tensors_sha256(str(tmp_path / "a.safetensors")) == tensors_sha256(str(tmp_path / "b.safetensors"))
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).view(-1)[0] += 1e-3
+    save_trainable(model, str(tmp_path / "c.safetensors"))
+    assert tensors_sha256(str(tmp_path / "c.safetensors")) != tensors_sha256(str(tmp_path / "a.safetensors"))
 
 
 def test_bad_checkpoints_fail_naming_the_keys(files, tmp_path):

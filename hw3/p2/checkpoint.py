@@ -9,6 +9,7 @@ tensors on top with strict=False, and verifies what arrived: every tensor in the
 trainable parameter must get one (nothing trainable stays at its random init), and afterwards every parameter must
 hold exactly the file's values.
 """
+import hashlib
 import os
 from typing import Dict, Optional, Tuple
 
@@ -47,6 +48,18 @@ def read_checkpoint(path: str) -> Tuple[CaptionConfig, Dict[str, torch.Tensor]]:
     if "caption_config" not in metadata:
         raise CheckpointError(f"checkpoint {path} has no caption_config in its metadata")
     return CaptionConfig.from_json(metadata["caption_config"]), tensors
+
+
+def tensors_sha256(path: str) -> str:
+    """sha256 of a checkpoint's tensors (names, dtypes, shapes, values), not of its metadata: two runs that trained
+    the same weights from data in other folders (the caption config names the encoder's path) get the same digest."""
+    digest = hashlib.sha256()
+    _, tensors = read_checkpoint(path)
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}:".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def count_checkpoint_params(path: str) -> int:

@@ -3,18 +3,20 @@
     {"inputs": {"decoder_sha256", "encoder", "clip_model"}: the pretrained files' sha256 (a model name as given),
      "toy_world": {generator_version, hash}      (toy world only),
      "p1": {"hw3_1": {images, correct, accuracy, csv_sha256}, "prompts": {"PROMPT | templates T | ...": accuracy}},
-     "p2": {"runs": {RUN: {CIDEr, CLIPScore, best_epoch, checkpoint_params, checkpoint_sha256}},
+     "p2": {"runs": {RUN: {CIDEr, CLIPScore, best_epoch, checkpoint_params, checkpoint_tensors_sha256}},
             "submitted": {run, CIDEr, CLIPScore, captions_sha256}},
      "p3": {"grounding": {best_layer, words_scored, ratio_by_layer}}}      (p3: toy world only)
 
-Every value is read from the result files; paths are left out, so two runs of the same work on the same data give
-identical files wherever they ran. `compare_numbers` lists what differs ([] = identical).
+Every value is read from the result files; paths are left out (a checkpoint's digest covers its tensors, not its
+metadata, which names the data's folder), so two runs of the same work on the same data give identical files
+wherever they ran. `compare_numbers` lists what differs ([] = identical).
 """
 import csv
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from hw3.common.files import read_json, sha256_file
+from hw3.p2.checkpoint import tensors_sha256
 from hw3.pipeline.inputs import ResultPaths, RunInputs
 
 
@@ -42,7 +44,7 @@ def run_numbers(run: Path) -> dict:
     summary = read_json(run / "summary.json", "run summary")
     return {"CIDEr": summary["best"]["CIDEr"], "CLIPScore": summary["best"]["CLIPScore"],
             "best_epoch": summary["best_epoch"], "checkpoint_params": summary["checkpoint_params"],
-            "checkpoint_sha256": sha256_file(run / "best.safetensors")}
+            "checkpoint_tensors_sha256": tensors_sha256(str(run / "best.safetensors"))}
 
 
 def model_identity(model: Optional[str]) -> Optional[str]:
@@ -131,7 +133,7 @@ def readme_table(numbers: dict) -> str:
     for name, run in sorted(p2["runs"].items()):
         rows.append((f"P2 {name}: best val CIDEr / CLIPScore (epoch {run['best_epoch']})",
                      f"{run['CIDEr']:.4f} / {run['CLIPScore']:.4f}",
-                     f"best.safetensors {digest(run['checkpoint_sha256'])}"))
+                     f"best.safetensors tensors {digest(run['checkpoint_tensors_sha256'])}"))
     rows.append((f"P2 `hw3_2.sh` with {submitted['run']}, scored by `p2_evaluate.py`: CIDEr / CLIPScore",
                  f"{submitted['CIDEr']:.4f} / {submitted['CLIPScore']:.4f}",
                  f"val_pred.json {digest(submitted['captions_sha256'])}"))
@@ -140,7 +142,7 @@ def readme_table(numbers: dict) -> str:
         ratio = grounding["ratio_by_layer"][str(grounding["best_layer"])]
         rows.append((f"P3 grounding with {submitted['run']}: attention share in the named object's box / the box's "
                      f"share of the image ({grounding['words_scored']} words)", f"{ratio:.2f}x",
-                     f"best.safetensors {digest(p2['runs'][submitted['run']]['checkpoint_sha256'])}"))
+                     f"best.safetensors tensors {digest(p2['runs'][submitted['run']]['checkpoint_tensors_sha256'])}"))
     lines = ["| what | number | sha256 of the file |", "|---|---|---|"]
     lines += [f"| {what} | {number} | {made_by} |" for what, number, made_by in rows]
     if "toy_world" in numbers:
