@@ -114,7 +114,8 @@ def test_feature_cache_holds_the_encoder_tokens_and_is_reused(tmp_path, train_sp
     assert len(cache) == 12 and cache[3].dtype == torch.float16 and cache[3].shape == (17, 64)
     assert torch.allclose(torch.stack([cache[i] for i in range(12)]).float(), expected, atol=2e-3, rtol=1e-3)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".npy")  # no partial file left
+    assert len(files) == 3 and files[0].endswith(".json") and files[1].endswith(".npy")  # no partial file left
+    assert files[2] == files[1] + ".lock"  # what two runs caching the same images at once wait on
     assert isinstance(np.load(tmp_path / files[1], mmap_mode="r"), np.memmap)
 
     def no_encoding(*args, **kwargs):
