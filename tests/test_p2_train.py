@@ -255,7 +255,8 @@ def test_torchrun_two_processes_on_cpu(toy_world_small, tmp_path):
     scst = tmp_path / "ddp_scst"  # the self-critical stage over it, under torchrun too
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "p2_train.py"), "--device", "cpu", "--max-steps", "2", "--init", str(out),
-               "--config", str(CONFIGS / "toy_scst.yaml"), "--out", str(scst), "--set", "scst.max_length=10"]
+               "--config", str(CONFIGS / "toy_scst.yaml"), "--out", str(scst), "--set", "scst.max_length=10",
+               "cpu_threads=1"]  # two ranks on two cores: the config's 2 threads each would spin-wait for a core
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((scst / "summary.json").read_text())
