@@ -102,8 +102,8 @@ class StepRunner:
     def run_together(self, lanes: Sequence[Sequence[Step]], log_dir: Path) -> None:
         """Runs the lanes at once, each one's steps in order; step [N]'s output goes to log_dir/step-N.log and its
         start and end are printed as they happen. Each step gets the CPU cores / lanes threads (OpenMP threads that
-        outnumber the cores spin-wait: one such step ran up to 10x slower). After a failure no lane starts another
-        step; once the running ones end, StepFailed names the failed step and shows the end of its log."""
+        outnumber the cores spin-wait: two 2-thread runs on 2 cores ran ~30x slower). After a failure no lane starts
+        another step; once the running ones end, StepFailed names the failed step and shows the end of its log."""
         log_dir.mkdir(parents=True, exist_ok=True)
         failures: List[str] = []
         environment = child_environment(max(1, (os.cpu_count() or 1) // max(1, len(lanes))))
