@@ -9,8 +9,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import clip
 import pytest
 import torch
+from clip.model import CLIP
 
 from caption_fixtures import make_mini_world
 from hw3.p2.config import SCSTConfig, load_config
@@ -18,7 +20,7 @@ from hw3.p2.data import CaptionBatch
 from hw3.p2.generation import DecodeConfig, beam_candidates, generate, sample
 from hw3.p2.metrics import cider_d_tokenized, score_captions, simple_tokenize
 from hw3.p2.optim import VocabularySubset
-from hw3.p2.scst import END_WORD, CiderReward, SelfCritical, baseline_rewards, dangling_share
+from hw3.p2.scst import END_WORD, CiderReward, SelfCritical, baseline_rewards, dangling_share, encode_text_trimmed
 from p2_train import main
 from tokenizer import EOT_ID, BPETokenizer
 
@@ -80,6 +82,19 @@ def test_scst_settings_are_checked():
     assert SCSTConfig(samples=1, baseline="greedy").samples == 1
     with pytest.raises(ValueError, match="--init"):
         load_config(None, ["stage=scst"])
+
+
+def test_trimmed_text_encoding_equals_clips_own_and_puts_the_masks_back():
+    torch.manual_seed(0)
+    model = CLIP(32, 32, 1, 64, 8, 77, 49408, 64, 4, 2).eval()  # 2 text blocks, as a small stand-in for ViT-B/32's
+    tokens = clip.tokenize(["a red circle", "there is a big blue square and a green star on a noisy background", ""])
+    masks = [block.attn_mask for block in model.transformer.resblocks]
+    with torch.no_grad():
+        expected, trimmed = model.encode_text(tokens), encode_text_trimmed(model, tokens)
+    assert torch.allclose(trimmed, expected, atol=1e-5), (trimmed - expected).abs().max()
+    assert [block.attn_mask.shape for block in model.transformer.resblocks] == [m.shape for m in masks]
+    with torch.no_grad():  # the model still runs at full length afterwards
+        assert torch.allclose(model.encode_text(tokens), expected)
 
 
 # ---- the sampler --------------------------------------------------------------------------------------------------

@@ -58,7 +58,9 @@ class CiderReward:
 
 class ClipReward:
     """The course's CLIPScore, 2.5 * max(cos, 0), of captions and training images: the image embeddings are computed
-    once (the scorer's own reader and preprocessing), the captions' per call, in one batch."""
+    once (the scorer's own reader and preprocessing), the captions' per call, in one batch, trimmed to its longest
+    caption (encode_text_trimmed: in a toy SCST step of 32 images x 5 candidates, under cProfile, the reward's CLIP
+    part took 0.29 s of the step's 0.59 at all 77 positions, 0.10 s of 0.40 trimmed)."""
 
     def __init__(self, scorer: ClipScorer, image_paths: Sequence[str], batch_size: int = 64):
         self.scorer = scorer
@@ -71,9 +73,30 @@ class ClipReward:
     @torch.no_grad()
     def __call__(self, captions: Sequence[str], image_index: Sequence[int]) -> List[float]:
         tokens = torch.cat([self.scorer.tokenize(caption)[0] for caption in captions]).to(self.scorer.device)
-        text = F.normalize(self.scorer.model.encode_text(tokens).float(), dim=-1)
+        text = F.normalize(encode_text_trimmed(self.scorer.model, tokens).float(), dim=-1)
         cos = (text * self.images[torch.as_tensor(list(image_index), device=self.images.device)]).sum(-1)
         return (2.5 * cos.clamp(min=0)).tolist()
+
+
+def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text(tokens)` of an OpenAI CLIP model (tokens [B, context], padded with 0), run only up to the
+    longest caption's end token: the text tower's causal mask keeps each caption's end-token feature blind to the
+    padding after it, so the features are the same (to float rounding) for a fraction of the cost (toy captions
+    fill about 15 of the 77 positions; a test compares the two). During the call each text block's `attn_mask` is
+    swapped for its top-left corner; the originals are put back."""
+    length = int(tokens.argmax(dim=-1).max()) + 1  # the end token has the largest id, as encode_text assumes
+    tokens = tokens[:, :length]
+    blocks = list(model.transformer.resblocks)
+    masks = [block.attn_mask for block in blocks]
+    try:
+        for block, mask in zip(blocks, masks):
+            block.attn_mask = mask[:length, :length]
+        x = model.token_embedding(tokens).type(model.dtype) + model.positional_embedding[:length].type(model.dtype)
+        x = model.ln_final(model.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)).type(model.dtype)
+        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
+    finally:
+        for block, mask in zip(blocks, masks):
+            block.attn_mask = mask
 
 
 def baseline_rewards(rewards: torch.Tensor, greedy: Optional[torch.Tensor] = None) -> torch.Tensor:
