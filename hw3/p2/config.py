@@ -63,7 +63,7 @@ class DataPaths:
 class SCSTConfig:
     """Self-critical sequence training (stage: scst, hw3/p2/scst.py): the `scst:` section of a config."""
     samples: int = 3  # candidate captions per image and step (K)
-    candidates: str = "beam"  # "beam": the beam search's best K (hw3_2.sh's search); "sample": drawn at `temperature`
+    candidates: str = "beam"  # "beam": the K best of a beam-K search (hw3_2.sh's settings); "sample": drawn
     baseline: str = "mean"  # "mean": mean reward of the image's other samples (Luo); "greedy": its greedy caption's
     temperature: float = 1.0  # of the sampling distribution (candidates: sample)
     max_length: int = 0  # tokens per candidate, the end token included; 0 = decode.max_length

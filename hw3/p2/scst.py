@@ -81,9 +81,9 @@ class ClipReward:
 def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
     """`model.encode_text(tokens)` of an OpenAI CLIP model (tokens [B, context], padded with 0), run only up to the
     longest caption's end token: the text tower's causal mask keeps each caption's end-token feature blind to the
-    padding after it, so the features are the same (to float rounding) for a fraction of the cost (toy captions
-    fill about 15 of the 77 positions; a test compares the two). During the call each text block's `attn_mask` is
-    swapped for its top-left corner; the originals are put back."""
+    padding after it, so the features are the same (to float rounding: 1.2e-6 at most on 160 toy captions, whose
+    longest needs 23 of the 77 positions) for a fraction of the cost; a test compares the two. During the call
+    each text block's `attn_mask` is swapped for its top-left corner; the originals are put back."""
     length = int(tokens.argmax(dim=-1).max()) + 1  # the end token has the largest id, as encode_text assumes
     tokens = tokens[:, :length]
     blocks = list(model.transformer.resblocks)
