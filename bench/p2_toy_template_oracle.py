@@ -31,6 +31,10 @@ from hw3.toy.world import ToyWorld  # noqa: E402
 
 SIZE_WORD = {"small": "small", "large": "big"}  # the most common word of each size in scenes.SIZE_WORDS (ties: first)
 COUNTS = {1: "one shape", 2: "two shapes", 3: "three shapes"}
+# the three templates built around a listing of all objects: what the rewrite turns captions into
+LISTING_SENTENCES = {"listing": "{listing}", "count: listing": "{count}: {listing}",
+                     "there is ... on a noisy background": "there is {listing} on a noisy background"}
+RELATIONS = "to the left of|to the right of|above|below"  # scenes.relation's words
 
 
 def phrase(obj: Obj, sizes: bool) -> str:
@@ -41,6 +45,11 @@ def phrase(obj: Obj, sizes: bool) -> str:
 def listing(objects: List[Obj], sizes: bool) -> str:
     words = [phrase(o, sizes) for o in objects]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def listing_sentence(template: str, listing_text: str, objects: int) -> str:
+    """A listing of `objects` objects in one of LISTING_SENTENCES's templates (lowercase, no final period)."""
+    return LISTING_SENTENCES[template].format(listing=listing_text, count=COUNTS.get(objects, COUNTS[3]))
 
 
 def first_pair(objects: List[Obj]):
@@ -66,9 +75,10 @@ def region_caption(objects: List[Obj], sizes: bool, width: int, height: int) -> 
 
 # template name -> caption(objects, sizes, width, height); the names match hw3.toy.scenes.captions_for's six kinds
 TEMPLATES: Dict[str, Callable[[List[Obj], bool, int, int], str]] = {
-    "listing": lambda objs, s, w, h: listing(objs, s),
-    "count: listing": lambda objs, s, w, h: f"{COUNTS[len(objs)]}: {listing(objs, s)}",
-    "there is ... on a noisy background": lambda objs, s, w, h: f"there is {listing(objs, s)} on a noisy background",
+    "listing": lambda objs, s, w, h: listing_sentence("listing", listing(objs, s), len(objs)),
+    "count: listing": lambda objs, s, w, h: listing_sentence("count: listing", listing(objs, s), len(objs)),
+    "there is ... on a noisy background":
+        lambda objs, s, w, h: listing_sentence("there is ... on a noisy background", listing(objs, s), len(objs)),
     "a REL b, and the rest": lambda objs, s, w, h: relation_caption(objs, s, True, w, h),
     "a is REL b": lambda objs, s, w, h: relation_caption(objs, s, False, w, h),
     "a in the REGION with the rest": region_caption,
@@ -77,8 +87,8 @@ TEMPLATES: Dict[str, Callable[[List[Obj], bool, int, int], str]] = {
 REFERENCE_PATTERNS = [
     ("count: listing", re.compile(r"^(one|two|three) shapes:")),
     ("there is ... on a noisy background", re.compile(r"^there is .* on a noisy background")),
-    ("a is REL b", re.compile(r" is (to the left of|to the right of|above|below) ")),
-    ("a REL b, and the rest", re.compile(r" (to the left of|to the right of|above|below) ")),
+    ("a is REL b", re.compile(f" is ({RELATIONS}) ")),
+    ("a REL b, and the rest", re.compile(f" ({RELATIONS}) ")),
     ("a in the REGION with the rest", re.compile(r" in the (top|bottom|left|right|center|top left|top right|"
                                                  r"bottom left|bottom right)\b")),
 ]
@@ -91,7 +101,7 @@ def reference_template(caption: str) -> str:
 
 LISTING_FORMS = [re.compile(r"^there is (.*) on a noisy background\.?$", re.IGNORECASE),
                  re.compile(r"^(?:one|two|three) shapes: (.*?)\.?$", re.IGNORECASE)]
-NOT_A_LISTING = re.compile(r" (to the left of|to the right of|above|below|in the) ")
+NOT_A_LISTING = re.compile(f" ({RELATIONS}|in the) ")
 
 
 def listing_part(caption: str) -> Optional[str]:
@@ -107,9 +117,7 @@ def in_template(listing_text: str, template: str) -> str:
     """A listing ("a red circle and a big blue square") written in one of the listing templates."""
     text = listing_text[0].lower() + listing_text[1:]
     objects = 1 + text.count(", ") + text.count(" and ")
-    sentence = {"listing": text, "count: listing": f"{COUNTS.get(objects, COUNTS[3])}: {text}",
-                "there is ... on a noisy background": f"there is {text} on a noisy background"}[template]
-    return sentence.capitalize() + "."
+    return listing_sentence(template, text, objects).capitalize() + "."
 
 
 def rewrite_scores(predictions_file: str, references: Dict[str, List[str]]) -> Dict:
@@ -117,7 +125,7 @@ def rewrite_scores(predictions_file: str, references: Dict[str, List[str]]) -> D
     predictions = read_json(predictions_file)
     listings = {key: listing_part(caption) for key, caption in predictions.items()}
     scores = {"as it is": cider_d(predictions, references)[0]}
-    for template in ("listing", "count: listing", "there is ... on a noisy background"):
+    for template in LISTING_SENTENCES:
         rewritten = {key: in_template(listings[key], template) if listings[key] else caption
                      for key, caption in predictions.items()}
         scores[template] = cider_d(rewritten, references)[0]
