@@ -13,7 +13,6 @@ by name. Later additions plug into slots that default to no-ops, never by renami
 - LoRA replaces `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` (nn.Linear) in place, keeping the names.
 """
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -157,22 +156,10 @@ class Decoder(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    @classmethod
-    def from_course_file(cls, path: str, **config_overrides) -> "Decoder":
-        """A Decoder sized after the file's shapes, with its weights loaded (see `load_course_weights`)."""
-        return cls.from_state_dict(torch.load(path, map_location="cpu"), **config_overrides)
-
-    @classmethod
-    def from_state_dict(cls, state_dict: Dict[str, torch.Tensor], **config_overrides) -> "Decoder":
-        """A Decoder sized after a course-format state_dict's shapes, with its weights loaded."""
-        decoder = cls(GPTConfig.from_state_dict(state_dict, **config_overrides))
-        load_course_weights(decoder, state_dict)
-        return decoder
-
     def forward(self, input_ids: torch.Tensor, past: Optional[Sequence[KeyValue]] = None,
                 attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                context=None, prefix_kv: Optional[Sequence[KeyValue]] = None,
-                use_cache: bool = True) -> Tuple[torch.Tensor, Optional[List[KeyValue]]]:
+                context=None, prefix_kv: Optional[Sequence[KeyValue]] = None, use_cache: bool = True,
+                output_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[List[KeyValue]]]:
         """Logits for `input_ids` [B, T] and the new key/value cache.
 
         past: the cache returned by the previous call (one (k, v) per layer, [B, H, T_past, d]), or None.
@@ -181,6 +168,7 @@ class Decoder(nn.Module):
             both work); pass position_ids [B, T] to override.
         context: given to every block's cross_attn (a list/tuple = one entry per block); ignored without cross_attn.
         prefix_kv: one (k, v) per layer, each [B or 1, H, P, d], attended by every query; not part of the cache.
+        output_ids: logits for these token ids only ([B, T, len(output_ids)], in their order); None = all.
         Returns (logits [B, T, vocab] float, list of per-layer (k, v) [B, H, T_past + T, d] or None).
         """
         B, T = input_ids.shape
@@ -211,7 +199,8 @@ class Decoder(nn.Module):
             x, present = block(x, key_mask, past[i] if past is not None else None,
                                prefix_kv[i] if prefix_kv is not None else None, block_context)
             presents.append(present)
-        logits = self.lm_head(self.transformer.ln_f(x)).float()
+        head = self.lm_head.weight if output_ids is None else self.lm_head.weight[output_ids]
+        logits = F.linear(self.transformer.ln_f(x), head).float()
         return logits, (presents if use_cache else None)
 
 
@@ -255,23 +244,11 @@ def _strip_transformer_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, 
     return state_dict
 
 
-@contextmanager
-def unmerged(model: nn.Module):
-    """Temporarily puts the model in train mode, which makes loralib 0.1.2 subtract B@A back out of merged weights;
-    on exit the mode is restored (eval re-merges with the then-current lora_A/B)."""
-    was_training = model.training
-    model.train()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def load_course_weights(decoder: Decoder, source) -> LoadReport:
     """Copies GPT-2's weights from `source` (a path to decoder_model.bin or a state_dict already loaded) into
     `decoder`. Every GPT-2 parameter must be in the file (missing ones raise KeyError naming them); a shape mismatch
     raises ValueError naming the key; mask buffers are ignored; other keys are listed in the report.
-    Conv1D-style weights ([in, out]) are transposed for nn.Linear. Works on a decoder already fitted with LoRA."""
+    Conv1D-style weights ([in, out]) are transposed for nn.Linear. Works on a decoder already fitted with PEFT."""
     state_dict = torch.load(source, map_location="cpu") if isinstance(source, str) else source
     state_dict = _strip_transformer_prefix(state_dict)
     expected = gpt2_parameter_names(decoder.config)
@@ -285,7 +262,7 @@ def load_course_weights(decoder: Decoder, source) -> LoadReport:
             report.ignored.append(key)
         elif key not in expected_set and key != "lm_head.weight":  # lm_head is wte (tied)
             report.unexpected.append(key)
-    with unmerged(decoder), torch.no_grad():
+    with torch.no_grad():
         for name in expected:
             tensor = state_dict[name]
             if name.endswith(CONV1D_WEIGHTS):
@@ -305,12 +282,11 @@ def course_state_dict(decoder: Decoder, mask_buffers: bool = False) -> Dict[str,
     `torch.save(course_state_dict(model), "decoder_model.bin")` makes a file `load_course_weights` reads back."""
     state_dict = {}
     block_size = decoder.config.block_size
-    with unmerged(decoder):
-        for name in gpt2_parameter_names(decoder.config):
-            tensor = decoder.transformer.get_parameter(name).detach().cpu()
-            state_dict[name] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).contiguous().clone()
-            if mask_buffers and name.endswith("attn.c_attn.weight"):
-                layer = name[: -len(".c_attn.weight")]
-                state_dict[layer + ".bias"] = torch.ones(block_size, block_size, dtype=torch.uint8).tril()[None, None]
-                state_dict[layer + ".masked_bias"] = torch.tensor(-1e4)
+    for name in gpt2_parameter_names(decoder.config):
+        tensor = decoder.transformer.get_parameter(name).detach().cpu()
+        state_dict[name] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).contiguous().clone()
+        if mask_buffers and name.endswith("attn.c_attn.weight"):
+            layer = name[: -len(".c_attn.weight")]
+            state_dict[layer + ".bias"] = torch.ones(block_size, block_size, dtype=torch.uint8).tril()[None, None]
+            state_dict[layer + ".masked_bias"] = torch.tensor(-1e4)
     return state_dict

@@ -11,30 +11,34 @@ validation captions), the rest TrainConfig fields below. `--set key=value` (dott
 model.lora_rank=4) overrides any of them; a few common ones also have their own flag. The run folder OUT gets
 best.safetensors (best val CIDEr), last.safetensors + resume.pt, log.jsonl, curves.png, val_predictions.json and
 summary.json (see hw3/p2/run_files.py). The TrainConfig fields and their defaults are listed by --help.
+`--toy-world DIR` is short for the four settings a course run names: data_dir=DIR/hw3_data/p2_data,
+decoder_weights=DIR/decoder_model.bin, model.encoder=DIR/clip.pt and clip_model=DIR/clip.pt.
 
 The self-critical stage (hw3/p2/scst.py) starts from a finished cross-entropy run: `--init RUN` takes RUN's saved
 config (its model, data and decoding) and RUN/best.safetensors, then the stage's config file (configs/scst.yaml,
 configs/toy_scst.yaml: stage, epochs, lr, `scst:` section) over it, then --set and the flags.
 """
 import argparse
-import inspect
 import os
 import sys
+from typing import List
 
 from hw3.common.errors import UserError, run_cli
-from hw3.p2.config import SCSTConfig, TrainConfig, load_config
+from hw3.p2.config import SCSTConfig, TrainConfig, field_help, load_config
 from hw3.p2.run_files import saved_config
 from hw3.p2.training import train
+from hw3.toy.world import ToyWorld
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    scst_fields = field_lines(SCSTConfig, "samples").replace("\n    ", "\n        ")
-    fields_text = f"{field_lines(TrainConfig, 'model')}\n    scst:  # SCSTConfig, for stage: scst\n    {scst_fields}"
+    scst_fields = field_help(SCSTConfig).replace("\n    ", "\n        ")
+    fields_text = f"{field_help(TrainConfig)}\n    scst fields (SCSTConfig):\n        {scst_fields.strip()}"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=f"config fields (TrainConfig, with defaults):\n{fields_text}")
     parser.add_argument("--config", help="YAML config file (configs/*.yaml); optional with --resume")
     parser.add_argument("--out", help="run folder (default: the config's `out`)")
-    parser.add_argument("--toy-world", help="train on a toyworld.py folder instead of the course data")
+    parser.add_argument("--toy-world", help="train on a toyworld.py folder: its p2_data, decoder_model.bin and clip.pt "
+                                            "(encoder and CLIPScore model) instead of the course data")
     parser.add_argument("--init", metavar="RUN",
                         help="start from a finished run: its saved config under --config's values, and its "
                              "best.safetensors (the self-critical stage: --config configs/scst.yaml)")
@@ -56,15 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def field_lines(kind, first: str) -> str:
-    """The field lines of a config dataclass's source, from field `first` to __post_init__ (the --help listing)."""
-    source = inspect.getsource(kind)
-    return source[source.index(f"    {first}:"):source.index("    def __post_init__")].rstrip()
+def toy_world_settings(folder: str) -> List[str]:
+    """The `--set` values that --toy-world DIR stands for."""
+    world = ToyWorld(os.path.abspath(os.path.expanduser(folder)))
+    return [f"data_dir={world.p2_data}", f"decoder_weights={world.decoder}", f"model.encoder={world.clip}",
+            f"clip_model={world.clip}"]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    flags = {"out": args.out, "toy_world": args.toy_world, "cache_features": args.cache_features,
+    flags = {"out": args.out, "cache_features": args.cache_features,
              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "max_steps": args.max_steps}
+    if args.toy_world:
+        args.overrides = toy_world_settings(args.toy_world) + args.overrides
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out, the run folder to continue")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from decoder import Decoder  # noqa: E402
+from hw3.p2.model import load_decoder  # noqa: E402
 from hw3.common.errors import UserError  # noqa: E402
 from hw3.common.files import write_text_atomically  # noqa: E402
 from hw3.p2.config import DataPaths  # noqa: E402
@@ -33,7 +33,7 @@ from tokenizer import EOT_ID, BPETokenizer  # noqa: E402
 @torch.no_grad()
 def lm_greedy_caption(decoder_path: str, max_tokens: int = 40) -> str:
     """The decoder's most likely caption without an image: greedy from <|endoftext|> to the next one."""
-    decoder = Decoder.from_course_file(decoder_path).eval()
+    decoder = load_decoder(decoder_path).eval()
     tokens, past = [EOT_ID], None
     for _ in range(max_tokens):
         logits, past = decoder(torch.tensor([tokens[-1:]]), past=past)
@@ -70,7 +70,8 @@ def clipscore_of_fixed_captions(candidates: List[str], scorer: ClipScorer, image
 
 
 def best_fixed_caption(toy_world: str, top: int = 20, device: str = "cpu") -> Dict:
-    paths = DataPaths.of_toy_world(ToyWorld(toy_world))
+    world = ToyWorld(toy_world)
+    paths = DataPaths.of_course_data(str(world.p2_data), str(world.decoder), str(world.clip), str(world.clip))
     train = read_split(paths.train_json, paths.train_images)
     val_json, val_images = paths.val_json, paths.val_images
     val = read_split(val_json, val_images)

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from decoder import Decoder, GPTConfig  # noqa: E402
-from hw3.p2.optim import VocabularyHead  # noqa: E402
 from hw3.toy import models  # noqa: E402
 from hw3.toy.world import WorldConfig  # noqa: E402
 
@@ -58,12 +57,12 @@ def clip_step(size: int, batch: int, attributes: bool):
 
 
 def lm_step(batch: int):
-    """A train_tiny_lm step: logits over the ~51 tokens the toy captions use (SeenTokenEmbedding, VocabularyHead)."""
+    """A train_tiny_lm step: logits over the ~51 tokens the toy captions use (SeenTokenEmbedding, SeenTokenHead)."""
     config = models.LMConfig()
     decoder = Decoder(GPTConfig(n_layer=config.n_layer, n_head=config.n_embd // 64, n_embd=config.n_embd)).train()
     seen = torch.arange(51)
     decoder.transformer.wte = models.SeenTokenEmbedding(decoder.transformer.wte, seen)
-    decoder.lm_head = VocabularyHead(decoder.transformer.wte.weight)
+    decoder.lm_head = models.SeenTokenHead(decoder.transformer.wte.weight)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-4)
     input_ids = torch.randint(0, len(seen), (batch, CAPTION_TOKENS))
     targets = torch.randint(0, len(seen), (batch * CAPTION_TOKENS,))

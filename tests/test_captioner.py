@@ -11,8 +11,8 @@ from decoder import Decoder, GPTConfig, course_state_dict, select_batch
 from hw3.p2.checkpoint import (count_checkpoint_params, load_captioner, load_trainable, read_checkpoint,
                                save_trainable, tensors_sha256)
 from hw3.p2.encoder import clip_vit_tokens, load_image_encoder
-from hw3.p2.model import (MAX_TRAINABLE, CaptionConfig, CaptionModel, build_caption_model, parameter_table,
-                          trainable_state_dict)
+from hw3.p2.model import (MAX_TRAINABLE, CaptionConfig, CaptionModel, build_caption_model, load_decoder,
+                          parameter_table, trainable_state_dict)
 
 TINY_GPT = GPTConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=100, block_size=64)
 RECIPES = {  # tiny versions of each PEFT method, cross-attention in a subset of the blocks
@@ -119,7 +119,7 @@ def test_timm_encoder_tokens_and_metadata():
 @pytest.mark.parametrize("recipe", ["adapter", "lora"])
 def test_new_model_computes_the_plain_language_model(files, recipe):
     model = build_caption_model(tiny_config(files[0], recipe), files[1]).eval()
-    plain = Decoder.from_course_file(files[1], n_head=TINY_GPT.n_head).eval()
+    plain = load_decoder(files[1], n_head=TINY_GPT.n_head).eval()
     with torch.no_grad():
         assert torch.allclose(model(IDS, model.encode_images(IMAGES)), plain(IDS)[0], atol=1e-6)
 

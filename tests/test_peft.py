@@ -3,7 +3,7 @@ import loralib as lora
 import pytest
 import torch
 
-from decoder import Decoder, GPTConfig, unmerged
+from decoder import Decoder, GPTConfig
 from hw3.p2.peft import Adapter, PrefixTuning, add_adapters, add_lora
 
 CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=100, block_size=64)
@@ -33,7 +33,7 @@ IDS = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
 def test_adapter_starts_as_identity_and_learns():
     decoder = plain_decoder()
     before = logits(decoder, IDS)
-    add_adapters(decoder, bottleneck=8, placement=("attn", "mlp"), layers=[1])
+    add_adapters(decoder, bottleneck=8, placement=("mlp",))
     assert decoder.transformer.h[0].attn_adapter is None and decoder.transformer.h[1].mlp_adapter is not None
     assert torch.equal(logits(decoder, IDS), before)
     randomise_new_parameters(decoder)
@@ -65,40 +65,29 @@ def test_lora_replaces_projections_in_place():
     block = decoder.transformer.h[0]
     assert isinstance(block.attn.c_attn, lora.MergedLinear) and block.attn.c_attn.enable_lora == [True, False, True]
     assert isinstance(block.mlp.c_fc, lora.Linear) and type(block.mlp.c_proj) is torch.nn.Linear
-    assert torch.equal(logits(decoder, IDS), before)  # B = 0, in eval (merged) mode
+    assert torch.allclose(logits(decoder, IDS), before, atol=1e-6)  # B = 0, in eval mode
     decoder.train()
-    assert torch.allclose(logits(decoder, IDS), before, atol=1e-6)  # and unmerged
+    assert torch.allclose(logits(decoder, IDS), before, atol=1e-6)  # and in train mode
     with pytest.raises(ValueError, match="targets"):
         add_lora(decoder, 2, 4, targets=("attn.q",))
 
 
-def test_lora_merge_on_eval_train_after_eval_and_loading_while_merged():
+def test_lora_never_changes_the_frozen_weight_and_loads_in_eval_mode():
     decoder = plain_decoder()
-    base = decoder.transformer.h[0].attn.c_attn.weight.detach().clone()
     add_lora(decoder, rank=2, alpha=4, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    frozen = {k: v.clone() for k, v in decoder.state_dict().items() if "lora_" not in k}
     decoder.train()
     randomise_new_parameters(decoder)
     trained = {k: v.clone() for k, v in decoder.state_dict().items() if "lora_" in k}
-    unmerged_logits = logits(decoder, IDS)  # train mode, dropout 0: the unmerged path
-    decoder.eval()  # merges B@A into the weights
-    assert decoder.transformer.h[0].attn.c_attn.merged
-    assert torch.allclose(logits(decoder, IDS), unmerged_logits, atol=1e-5)
-    # saving while merged: the LoRA tensors are the trained ones
-    assert all(torch.equal(decoder.state_dict()[k], v) for k, v in trained.items())
-    # training after eval: the frozen weight is back to the pretrained one
-    decoder.train()
-    assert torch.allclose(decoder.transformer.h[0].attn.c_attn.weight, base, atol=1e-6)
-
-    # loading trained LoRA tensors into a fresh model that is in eval (merged) mode
-    fresh = plain_decoder()
+    train_logits = logits(decoder, IDS)  # train mode, dropout 0
+    for _ in range(3):  # eval/train switches leave every frozen weight bit for bit as it was (no merging)
+        decoder.eval()
+        assert torch.allclose(logits(decoder, IDS), train_logits, atol=1e-6)
+        decoder.train()
+    assert not decoder.transformer.h[0].attn.c_attn.merged
+    assert all(torch.equal(decoder.state_dict()[k], v) for k, v in frozen.items())
+    fresh = plain_decoder()  # loading trained LoRA tensors into a model in eval mode
     add_lora(fresh, rank=2, alpha=4, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
     fresh.eval()
-    naive = plain_decoder()  # what a plain load_state_dict while merged gives: the new delta never gets merged
-    add_lora(naive, rank=2, alpha=4, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
-    naive.eval()
-    naive.load_state_dict(trained, strict=False)
-    assert not torch.allclose(logits(naive, IDS), unmerged_logits, atol=1e-3)
-    with unmerged(fresh):
-        fresh.load_state_dict(trained, strict=False)
-    assert not fresh.training and fresh.transformer.h[1].mlp.c_proj.merged
-    assert torch.allclose(logits(fresh, IDS), unmerged_logits, atol=1e-5)
+    fresh.load_state_dict(trained, strict=False)
+    assert torch.allclose(logits(fresh, IDS), train_logits, atol=1e-6)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from hw3.common.errors import UserError
 from hw3.common.files import sha256_file
+from hw3.p2.model import load_decoder
 from hw3.toy import models as toy_models
 from hw3.toy import world as toyworld
 from hw3.toy.scenes import CLASSES, COLOURS, HELD_OUT, SHAPES
@@ -280,7 +281,7 @@ def test_decoder_file_has_the_course_format(toy_world_small):
     assert (config.vocab_size, config.block_size, config.n_head) == (50257, 1024, config.n_embd // 64)
     assert list(state_dict) == gpt2_parameter_names(config)
     assert state_dict["h.0.attn.c_attn.weight"].shape == (config.n_embd, 3 * config.n_embd)  # Conv1D [in, out]
-    decoder = Decoder.from_course_file(str(toy_world_small / "decoder_model.bin")).eval()
+    decoder = load_decoder(str(toy_world_small / "decoder_model.bin")).eval()
     from tokenizer import BPETokenizer
     with torch.no_grad():
         logits, _ = decoder(torch.tensor([BPETokenizer().encode("A big red")]))
@@ -315,13 +316,12 @@ def test_tiny_clip_zero_shot_accuracy_on_p1_val(toy_world):
 
 @pytest.mark.slow
 def test_tiny_lm_perplexity_far_below_unigram_and_samples_read_like_captions(toy_world):
-    from decoder import Decoder
     from tokenizer import BPETokenizer
     tokenizer = BPETokenizer()
     p2 = toy_world / "hw3_data" / "p2_data"
     train = [tokenizer.encode(a["caption"]) for a in load(p2 / "train.json")["annotations"]]
     val = [tokenizer.encode(a["caption"]) for a in load(p2 / "val.json")["annotations"]]
-    decoder = Decoder.from_course_file(str(toy_world / "decoder_model.bin")).eval()
+    decoder = load_decoder(str(toy_world / "decoder_model.bin")).eval()
     nll, count = toy_models.caption_nll(decoder, val)
     perplexity, unigram = math.exp(nll / count), toy_models.unigram_perplexity(train, val, 50256)
     assert perplexity < unigram / 4, (perplexity, unigram)

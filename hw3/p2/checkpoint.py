@@ -17,7 +17,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from decoder import unmerged
 from hw3.common.errors import UserError
 from hw3.common.files import write_atomically
 from hw3.p2.model import CaptionConfig, CaptionModel, build_caption_model, trainable_state_dict
@@ -70,7 +69,7 @@ def count_checkpoint_params(path: str) -> int:
 def load_trainable(model: CaptionModel, tensors: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Loads trained tensors into `model` in place (strict=False on top of the pretrained weights) after checking
     that every tensor fits a parameter and every trainable parameter gets one; all problems are reported at once.
-    Safe with loralib's merged weights (eval mode). Collapses the model's prefix MLP when the tensors hold collapsed
+    Collapses the model's prefix MLP when the tensors hold collapsed
     prefixes (build the optimizer after loading)."""
     if model.prefix is not None and "prefix.prefixes" in tensors:
         model.prefix.collapse()
@@ -84,20 +83,18 @@ def load_trainable(model: CaptionModel, tensors: Dict[str, torch.Tensor], source
         ("has tensors of the wrong shape (file vs model)", wrong)) if keys]
     if problems:  # all of them at once: a renamed key shows up as one unknown and one missing tensor
         raise CheckpointError("\n".join(problems))
-    with unmerged(model):
-        model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(tensors, strict=False)
 
 
 def verify_loaded(model: CaptionModel, tensors: Dict[str, torch.Tensor], source: str) -> None:
     """Raises CheckpointError unless every parameter named in `tensors` holds exactly their values."""
-    own = dict(model.named_parameters())  # loralib's merge changes the frozen weight only, never lora_A/B
+    own = dict(model.named_parameters())
     differ = sorted(key for key, tensor in tensors.items() if not torch.equal(own[key].detach().cpu(), tensor))
     if differ:
         raise CheckpointError(f"{source}: these tensors did not arrive in the model: {differ}")
 
 
-def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", encoder: Optional[str] = None,
-                   verify: bool = True) -> CaptionModel:
+def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", encoder: Optional[str] = None) -> CaptionModel:
     """The trained captioner of `checkpoint` in eval mode on `device` (see the module docstring). `encoder`
     overrides the image encoder named in the checkpoint's config (e.g. the toy world's clip.pt)."""
     if not os.path.isfile(checkpoint):
@@ -109,6 +106,5 @@ def load_captioner(checkpoint: str, decoder_weights: str, device="cpu", encoder:
     model = build_caption_model(config, decoder_weights, device, encoder=encoder)
     load_trainable(model, tensors, source=checkpoint)
     model.eval()
-    if verify:
-        verify_loaded(model, tensors, checkpoint)
+    verify_loaded(model, tensors, checkpoint)
     return model

@@ -14,9 +14,16 @@ from typing import List, Optional, get_type_hints
 import yaml
 
 from hw3.common.errors import UserError
+from hw3.common.layout import CourseLayout
 from hw3.p2.generation import DecodeConfig
 from hw3.p2.model import CaptionConfig
-from hw3.toy.world import ToyWorld
+
+
+def option(default, help: str, factory=None):
+    """A config field with its --help text (p2_train.py lists the fields from this metadata)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -29,99 +36,90 @@ class DataPaths:
     decoder: str  # the course's GPT-2 weights (decoder_model.bin)
     encoder: str  # the frozen image encoder: a name (ViT-L/14, timm:...) or a CLIP state_dict path
     clip_model: str  # the CLIPScore model
-    toy_world: Optional[str] = None  # the toy world's root folder, when the data is one
 
     @classmethod
     def of_course_data(cls, data_dir: str, decoder: str, encoder: str, clip_model: str) -> "DataPaths":
-        """The course layout: DATA/train.json, DATA/val.json, DATA/images/{train,val}/."""
-        return cls(os.path.join(data_dir, "train.json"), os.path.join(data_dir, "val.json"),
-                   os.path.join(data_dir, "images", "train"), os.path.join(data_dir, "images", "val"),
-                   decoder, encoder, clip_model)
-
-    @classmethod
-    def of_toy_world(cls, world: ToyWorld) -> "DataPaths":
-        """The toy world's p2_data and decoder_model.bin; its tiny CLIP is both the encoder and the CLIPScore model."""
-        course = cls.of_course_data(str(world.p2_data), str(world.decoder), str(world.clip), str(world.clip))
-        return dataclasses.replace(course, toy_world=str(world.root))
+        """The course layout around p2_data `data_dir` (hw3.common.layout.CourseLayout)."""
+        layout = CourseLayout.of_p2_data(data_dir)
+        return cls(str(layout.p2_annotations("train")), str(layout.p2_annotations("val")),
+                   str(layout.p2_images("train")), str(layout.p2_images("val")), decoder, encoder, clip_model)
 
     @property
     def description(self) -> str:
-        if self.toy_world:
-            return f"toy world {self.toy_world}"
-        return f"course data {os.path.dirname(self.train_json)}"
+        return f"data {os.path.dirname(self.train_json)}"
 
     def check(self) -> "DataPaths":
         """Raises UserError naming the first input that does not exist."""
         for name in ("train_json", "val_json", "train_images", "val_images", "decoder"):
             if not os.path.exists(getattr(self, name)):
-                raise UserError(f"{name} not found: {getattr(self, name)} (set data_dir / decoder_weights / "
-                                "toy_world, or --toy-world DIR)")
+                raise UserError(f"{name} not found: {getattr(self, name)} (set data_dir / decoder_weights, or "
+                                "p2_train.py --toy-world DIR)")
         return self
 
 
 @dataclass
 class SCSTConfig:
     """Self-critical sequence training (stage: scst, hw3/p2/scst.py): the `scst:` section of a config."""
-    samples: int = 3  # candidate captions per image and step (K)
-    candidates: str = "beam"  # "beam": the K best of a beam-K search (hw3_2.sh's settings); "sample": drawn
-    baseline: str = "mean"  # "mean": mean reward of the image's other samples (Luo); "greedy": its greedy caption's
-    temperature: float = 1.0  # of the sampling distribution (candidates: sample)
-    max_length: int = 0  # tokens per candidate, the end token included; 0 = decode.max_length
-    end_token: bool = True  # reward over the words + an end word: a caption ending "... on a" matches no reference
-    clip_weight: float = 1.0  # reward = CIDEr-D + clip_weight * CLIPScore (of clip_model, 2.5 * max(cos, 0)); 0 = off
+    samples: int = option(3, "candidate captions per image and step: the K best hypotheses of a beam-K search "
+                             "with hw3_2.sh's length penalty (the baseline is the mean of the other K - 1)")
+    max_length: int = option(0, "tokens per candidate, the end token included; 0 = decode.max_length")
+    end_token: bool = option(True, "reward over the words + an end word: a caption ending '... on a' matches no "
+                                   "reference")
+    clip_weight: float = option(1.0, "reward = CIDEr-D + clip_weight * CLIPScore (of clip_model, 2.5 * max(cos, "
+                                     "0)); 0 = CIDEr-D only")
 
     def __post_init__(self):
-        if self.candidates not in ("sample", "beam"):
-            raise UserError(f"scst.candidates must be 'sample' or 'beam', got {self.candidates!r}")
-        if self.baseline not in ("mean", "greedy"):
-            raise UserError(f"scst.baseline must be 'mean' or 'greedy', got {self.baseline!r}")
-        if self.samples < (2 if self.baseline == "mean" else 1):
-            raise UserError("scst.samples must be >= 2 with the mean baseline (>= 1 with greedy)")
-        if self.temperature <= 0 or self.max_length < 0 or self.clip_weight < 0:
-            raise UserError("scst.temperature must be > 0, scst.max_length and scst.clip_weight >= 0")
+        if self.samples < 2:
+            raise UserError("scst.samples must be >= 2 (the baseline is the mean of the other candidates)")
+        if self.max_length < 0 or self.clip_weight < 0:
+            raise UserError("scst.max_length and scst.clip_weight must be >= 0")
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides its run folder's state; saved in the run folder (config.yaml,
-    resume.pt). The field comments below are what `p2_train.py --help` lists."""
-    model: CaptionConfig = field(default_factory=CaptionConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    scst: SCSTConfig = field(default_factory=SCSTConfig)  # used by stage: scst
-    stage: str = "xe"  # "xe": cross-entropy on the references; "scst": self-critical training of the `init` model
-    init: Optional[str] = None  # a trained checkpoint (e.g. RUN/best.safetensors) to start from; p2_train.py --init RUN
-    # data (course layout); `toy_world` replaces all four with the toy world's files
-    data_dir: str = "hw3_data/p2_data"  # images/{train,val}/*.jpg, train.json, val.json
-    decoder_weights: str = "hw3_data/p2_data/decoder_model.bin"  # the course's GPT-2 (its sizes set model.decoder)
-    clip_model: str = "ViT-B/32"  # CLIPScore model, as the course's scorer
-    toy_world: Optional[str] = None  # a toyworld.py folder: its p2_data, decoder_model.bin, clip.pt (encoder + score)
-    # optimisation
-    epochs: int = 5
-    batch_size: int = 32  # per process and micro-step; the effective batch is batch_size * grad_accum * processes
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05  # linear warmup over this fraction of the optimizer steps, then cosine to zero
-    grad_clip: float = 1.0  # max gradient norm; 0 = off
-    label_smoothing: float = 0.0
-    amp: bool = True  # fp16 autocast + GradScaler on CUDA (never bf16: a 2080 Ti has none); CPU always runs fp32
-    epoch_items: str = "captions"  # "captions": every caption once per epoch; "images": one random caption per image
-    train_vocab: str = "full"  # "captions": softmax over the tokens of the training captions only (hw3/p2/training.py)
-    cpu_threads: int = 0  # torch threads on CPU; 0 = PyTorch's default (1 is far faster on a machine busy elsewhere)
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); the schedule ends there too
-    seed: int = 0
-    # data loading
-    augment: bool = False  # random crops of the training images (not with cache_features)
-    cache_features: bool = False  # encode every image once, keep the tokens (fp16) in cache_dir, train from them
-    cache_dir: str = "~/.cache/dlcv-hw3/features"  # shared by runs with the same encoder and images
-    num_workers: int = 4  # image-reading processes (cached features are read in the main process)
-    # validation: caption the val images, score CIDEr + CLIPScore, keep the best checkpoint by CIDEr
-    val_every: int = 0  # optimizer steps between validations; 0 = after every epoch
-    val_images: int = 0  # validate on the first N val images only (0 = all; CIDEr then uses their references only)
-    val_batch_size: int = 64
-    cider_tokenizer: str = "ptb"  # "ptb" as the course's scorer (needs Java), or "simple"
-    log_every: int = 20  # optimizer steps between training-loss lines in log.jsonl
-    out: str = "runs/p2"
+    resume.pt). Each field's help text is what `p2_train.py --help` lists."""
+    model: CaptionConfig = option(None, "the captioner (hw3.p2.model.CaptionConfig)", CaptionConfig)
+    decode: DecodeConfig = option(None, "the validation captions' decoding (hw3.p2.generation.DecodeConfig)",
+                                  DecodeConfig)
+    scst: SCSTConfig = option(None, "the self-critical stage (used by stage: scst)", SCSTConfig)
+    stage: str = option("xe", "'xe': cross-entropy on the references; 'scst': self-critical training of the "
+                              "`init` model")
+    init: Optional[str] = option(None, "a trained checkpoint to start from (p2_train.py --init RUN sets it)")
+    data_dir: str = option("hw3_data/p2_data", "p2_data in the course layout: images/{train,val}/*.jpg, "
+                                               "train.json, val.json")
+    decoder_weights: str = option("hw3_data/p2_data/decoder_model.bin",
+                                  "the course's GPT-2 (its sizes set model.decoder)")
+    clip_model: str = option("ViT-B/32", "the CLIPScore model, as the course's scorer (a CLIP name or file)")
+    epochs: int = option(5, "epochs to train")
+    batch_size: int = option(32, "per process and micro-step; the effective batch is batch_size * grad_accum * "
+                                 "processes")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.01, "AdamW weight decay of the matrices")
+    warmup_ratio: float = option(0.05, "linear warmup over this fraction of the optimizer steps, then cosine to 0")
+    grad_clip: float = option(1.0, "max gradient norm; 0 = off")
+    label_smoothing: float = option(0.0, "of the cross-entropy (stage xe)")
+    amp: bool = option(True, "fp16 autocast + GradScaler on CUDA (never bf16: a 2080 Ti has none); CPU runs fp32")
+    epoch_items: str = option("captions", "'captions': every caption once per epoch; 'images': one caption per "
+                                          "image, drawn per epoch")
+    train_vocab: str = option("full", "'captions': logits over the training captions' tokens only, for the whole "
+                                      "run (exact for an LM that gives other tokens no probability, as the toy "
+                                      "world's); 'full': all tokens")
+    cpu_threads: int = option(0, "torch threads on CPU; 0 = PyTorch's default")
+    max_steps: int = option(0, "stop after this many optimizer steps (0 = all epochs); the schedule ends there")
+    seed: int = option(0, "seeds the model's new weights, the data order and each step's randomness")
+    cache_features: bool = option(False, "encode every image once, keep the tokens (fp16) in cache_dir, train "
+                                         "from them")
+    cache_dir: str = option("~/.cache/dlcv-hw3/features", "shared by runs with the same encoder and images")
+    num_workers: int = option(4, "image-reading processes (cached features are read in the main process)")
+    val_every: int = option(0, "optimizer steps between validations; 0 = after every epoch")
+    val_images: int = option(0, "validate on the first N val images only (0 = all; CIDEr then uses their "
+                                "references only): quick trial runs")
+    val_batch_size: int = option(64, "images per validation batch")
+    cider_tokenizer: str = option("ptb", "'ptb' as the course's scorer (needs Java), or 'simple' (pure Python)")
+    log_every: int = option(20, "optimizer steps between training-loss lines in log.jsonl")
+    out: str = option("runs/p2", "the run folder")
 
     def __post_init__(self):
         for name, allowed in (("stage", ("xe", "scst")), ("epoch_items", ("captions", "images")),
@@ -133,9 +131,6 @@ class TrainConfig:
             raise UserError("epochs, batch_size, grad_accum and lr must be positive")
         if self.stage == "scst" and not self.init:
             raise UserError("stage scst fine-tunes a trained captioner: give init (p2_train.py --init RUN_DIR)")
-        if self.augment and self.cache_features:
-            raise UserError("cache_features stores each image's tokens once, so it cannot see augmented images: "
-                            "turn off augment or cache_features")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -158,13 +153,19 @@ class TrainConfig:
 
     def data_paths(self) -> "DataPaths":
         """Where the data, the GPT-2 weights, the encoder and the CLIPScore model come from; checked to exist."""
-        if self.toy_world:
-            paths = DataPaths.of_toy_world(ToyWorld(self.toy_world))
-        elif self.model.encoder == "toy":
-            raise UserError("this is a toy config: give the toy world's folder with --toy-world DIR")
-        else:
-            paths = DataPaths.of_course_data(self.data_dir, self.decoder_weights, self.model.encoder, self.clip_model)
-        return paths.check()
+        if self.model.encoder == "toy":
+            raise UserError("this is a toy config: give the toy world's folder with p2_train.py --toy-world DIR")
+        return DataPaths.of_course_data(self.data_dir, self.decoder_weights, self.model.encoder,
+                                        self.clip_model).check()
+
+
+def field_help(kind) -> str:
+    """`name: default  help` lines of a config dataclass's fields (their metadata), for --help."""
+    lines = []
+    for item in dataclasses.fields(kind):
+        default = item.default if item.default is not dataclasses.MISSING else "(section)"
+        lines.append(f"    {item.name}: {default}  # {item.metadata.get('help', '')}")
+    return "\n".join(lines)
 
 
 def coerce(cls, values: dict) -> dict:

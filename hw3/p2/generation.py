@@ -4,8 +4,8 @@
     token_ids = generate(model, image_tokens, config)     # List[List[int]]: one caption per image, no 50256s
     captions = caption_images(model, image_tokens, config, tokenizer)
 
-For self-critical training (hw3/p2/scst.py): `sample` draws captions token by token (multinomial, KV cache) and
-`beam_candidates` returns each image's finished beam hypotheses, both optionally over a vocabulary subset.
+For self-critical training (hw3/p2/scst.py), `beam_candidates` returns each image's finished beam hypotheses.
+A model with an output vocabulary (CaptionModel.restrict_output) is searched over that vocabulary.
 
 How the search runs:
 - Every caption starts from the single token 50256 and ends at the next 50256 (the course's convention).
@@ -30,7 +30,7 @@ How the search runs:
 import argparse
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -42,7 +42,7 @@ from tokenizer import EOT, EOT_ID
 @dataclass
 class DecodeConfig:
     """How captions are decoded. These defaults are THE decode defaults: hw3_2.sh, P3, the notebook and validation
-    during training all take theirs from here (beam 3: on the toy world beam 5 gained 0.01 CIDEr for 1.6x time)."""
+    during training all take theirs from here (beam 3; bench/p2_decode_sweep.py measures other settings)."""
     beam_size: int = 3
     max_length: int = 30  # decoding steps: at most this many tokens per caption, an end token included
     length_penalty: float = 1.0  # exponent of the length normalisation of finished hypotheses
@@ -127,22 +127,29 @@ def generate(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[Li
 
 
 @torch.no_grad()
-def beam_candidates(model, image_tokens: torch.Tensor, config: DecodeConfig, vocabulary=None) -> List[List[List[int]]]:
-    """Per image, its finished hypotheses (at most beam_size, best first), token ids without the start/end 50256.
-    `vocabulary` (optim.VocabularySubset): search over its tokens only (self-critical training's candidates)."""
+def beam_candidates(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[List[List[int]]]:
+    """Per image, its finished hypotheses (at most beam_size, best first), token ids without the start/end 50256."""
     return [[tokens for _, tokens in image_beams.finished]
-            for image_beams in beam_search(model, image_tokens, config, vocabulary)]
+            for image_beams in beam_search(model, image_tokens, config)]
 
 
-def beam_search(model, image_tokens: torch.Tensor, config: DecodeConfig, vocabulary=None) -> List[ImageBeams]:
+class Expansion(NamedTuple):
+    """The beams that go on after one step: rows of the previous batch, their new tokens and scores."""
+    rows: List[int]
+    tokens: List[int]
+    scores: List[float]
+    active: List[int]  # the images still searching, in row order
+
+
+def beam_search(model, image_tokens: torch.Tensor, config: DecodeConfig) -> List[ImageBeams]:
     """The search behind generate and beam_candidates (the module docstring says how it runs)."""
     device = image_tokens.device
     B, K = image_tokens.size(0), config.beam_size
     if B == 0:
         return []
-    if vocabulary is not None and config.no_repeat_ngram_size:
-        raise UserError("no_repeat_ngram_size works on the full vocabulary, not a vocabulary subset")
-    token_ids = vocabulary.token_ids.tolist() if vocabulary is not None else None
+    token_ids = model.output_token_ids() if hasattr(model, "output_token_ids") else None
+    if token_ids is not None and config.no_repeat_ngram_size:
+        raise UserError("no_repeat_ngram_size works on the full vocabulary, not an output vocabulary subset")
     block_size = model.decoder.config.block_size if hasattr(model, "decoder") else None
     if block_size is not None and config.max_length + 1 > block_size:
         raise UserError(f"max_length {config.max_length} + the start token exceeds block_size {block_size}")
@@ -158,11 +165,9 @@ def beam_search(model, image_tokens: torch.Tensor, config: DecodeConfig, vocabul
     scores = torch.zeros(B, K, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: only the first one may expand at step 1
     scores = scores.view(-1)
-    past = None
-    context = beam_context(active)
-
+    past, context = None, beam_context(active)
     for step in range(1, config.max_length + 1):
-        with autocast_for(device), vocabulary.head(model.decoder) if vocabulary is not None else nullcontext():
+        with autocast_for(device):
             if config.use_cache:
                 logits, past = model.decode_step(sequences[:, -1:], context, past)
             else:
@@ -171,54 +176,62 @@ def beam_search(model, image_tokens: torch.Tensor, config: DecodeConfig, vocabul
         if config.no_repeat_ngram_size:
             banned = banned_ngram_tokens(sequences[:, 1:], config.no_repeat_ngram_size)
             log_probs[banned[:, 0], banned[:, 1]] = float("-inf")
-        vocab = log_probs.size(-1)
-        candidates = (scores[:, None] + log_probs).view(len(active), K * vocab)
-        top_scores, top_index = candidates.topk(min(2 * K, K * vocab), dim=1)
-        top_scores_list, top_index_list = top_scores.tolist(), top_index.tolist()
-        generated = sequences[:, 1:].tolist()
-
-        keep_rows, keep_tokens, keep_scores, still_active = [], [], [], []
-        for slot, image in enumerate(active):
-            running = []
-            for rank, (score, index) in enumerate(zip(top_scores_list[slot], top_index_list[slot])):
-                beam, token = divmod(index, vocab)
-                if token_ids is not None:  # a row of the vocabulary subset -> its token id
-                    token = token_ids[token]
-                row = slot * K + beam
-                if score == float("-inf"):
-                    break
-                if token == EOT_ID:
-                    if rank < K:
-                        beams[image].add(generated[row], score, step)
-                else:
-                    running.append((row, token, score))
-                    if len(running) == K:
-                        break
-            if step == config.max_length or not running:
-                for row, token, score in running:
-                    beams[image].add(generated[row] + [token], score, step)
-                continue
-            if beams[image].can_stop(running[0][2], step):
-                continue
-            while len(running) < K:  # fewer than K live candidates (tiny vocabularies): pad with dead beams
-                running.append((running[0][0], running[0][1], float("-inf")))
-            still_active.append(image)
-            for row, token, score in running:
-                keep_rows.append(row)
-                keep_tokens.append(token)
-                keep_scores.append(score)
-        if not still_active:
+        kept = expand(beams, active, sequences, scores, log_probs, step, config, token_ids)
+        if not kept.active:
             break
-        if len(still_active) < len(active):  # done images leave the batch
-            context = beam_context(still_active)
-        active = still_active
-        rows = torch.tensor(keep_rows, device=device)
-        sequences = torch.cat([sequences.index_select(0, rows),
-                               torch.tensor(keep_tokens, device=device)[:, None]], dim=1)
-        scores = torch.tensor(keep_scores, device=device)
+        if len(kept.active) < len(active):  # done images leave the batch
+            context = beam_context(kept.active)
+        active = kept.active
+        rows = torch.tensor(kept.rows, device=device)
+        sequences = torch.cat([sequences.index_select(0, rows), torch.tensor(kept.tokens, device=device)[:, None]], 1)
+        scores = torch.tensor(kept.scores, device=device)
         if past is not None:
             past = select_batch(past, rows)
     return beams
+
+
+def expand(beams: List[ImageBeams], active: List[int], sequences: torch.Tensor, scores: torch.Tensor,
+           log_probs: torch.Tensor, step: int, config: DecodeConfig, token_ids: Optional[torch.Tensor]) -> Expansion:
+    """One step of the search: each active image's 2K best continuations finish hypotheses (end token among the
+    first K) or continue (the best K others); images that are done drop out. `token_ids`: the token of each
+    log_probs column (None: the column is the token id)."""
+    K, vocab = config.beam_size, log_probs.size(-1)
+    candidates = (scores[:, None] + log_probs).view(len(active), K * vocab)
+    top_scores, top_index = candidates.topk(min(2 * K, K * vocab), dim=1)
+    top_scores_list, top_index_list = top_scores.tolist(), top_index.tolist()
+    generated = sequences[:, 1:].tolist()
+    ids = token_ids.tolist() if token_ids is not None else None
+    kept = Expansion([], [], [], [])
+    for slot, image in enumerate(active):
+        running = []
+        for rank, (score, index) in enumerate(zip(top_scores_list[slot], top_index_list[slot])):
+            beam, token = divmod(index, vocab)
+            if ids is not None:
+                token = ids[token]
+            row = slot * K + beam
+            if score == float("-inf"):
+                break
+            if token == EOT_ID:
+                if rank < K:
+                    beams[image].add(generated[row], score, step)
+            else:
+                running.append((row, token, score))
+                if len(running) == K:
+                    break
+        if step == config.max_length or not running:
+            for row, token, score in running:
+                beams[image].add(generated[row] + [token], score, step)
+            continue
+        if beams[image].can_stop(running[0][2], step):
+            continue
+        while len(running) < K:  # fewer than K live candidates (tiny vocabularies): pad with dead beams
+            running.append((running[0][0], running[0][1], float("-inf")))
+        kept.active.append(image)
+        for row, token, score in running:
+            kept.rows.append(row)
+            kept.tokens.append(token)
+            kept.scores.append(score)
+    return kept
 
 
 def clean_caption(text: str) -> str:
@@ -229,37 +242,3 @@ def clean_caption(text: str) -> str:
 def caption_images(model, image_tokens: torch.Tensor, config: DecodeConfig, tokenizer) -> List[str]:
     """generate + decode + clean_caption."""
     return [clean_caption(tokenizer.decode(ids)) for ids in generate(model, image_tokens, config)]
-
-
-@torch.no_grad()
-def sample(model, image_tokens: torch.Tensor, samples: int, max_length: int, temperature: float = 1.0,
-           vocabulary=None, generator: Optional[torch.Generator] = None) -> Tuple[List[List[int]], List[bool]]:
-    """`samples` captions per image drawn token by token from the model (multinomial at `temperature`; 0 = argmax,
-    i.e. greedy), with the key/value cache, for self-critical training. Rows are [image][sample], B * samples of
-    them. Returns each caption's token ids (without the start and end 50256) and whether it ended with the end token
-    (False: it ran to max_length). `vocabulary` (optim.VocabularySubset): draw only from its tokens."""
-    device = image_tokens.device
-    rows = image_tokens.size(0) * samples
-    with autocast_for(device):
-        context = select_batch(model.image_context(image_tokens),
-                               torch.arange(image_tokens.size(0), device=device).repeat_interleave(samples))
-    tokens = torch.full((rows, 1), EOT_ID, dtype=torch.long, device=device)
-    ended = torch.zeros(rows, dtype=torch.bool, device=device)
-    past, drawn = None, []
-    with vocabulary.head(model.decoder) if vocabulary is not None else nullcontext():
-        for _ in range(max_length):
-            with autocast_for(device):
-                logits, past = model.decode_step(tokens, context, past)
-            logits = logits[:, -1].float()
-            if temperature > 0:
-                choice = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)[:, 0]
-            else:
-                choice = logits.argmax(-1)
-            tokens = vocabulary.token_ids[choice][:, None] if vocabulary is not None else choice[:, None]
-            drawn.append(tokens[:, 0])
-            ended |= tokens[:, 0] == EOT_ID
-            if bool(ended.all()):
-                break
-    drawn = torch.stack(drawn, dim=1).tolist()  # [rows, steps]
-    captions = [row[:row.index(EOT_ID)] if EOT_ID in row else row for row in drawn]
-    return captions, [EOT_ID in row for row in drawn]

@@ -7,7 +7,7 @@ Decoding (beam search) computes the image keys/values once per image and reuses 
     context = model.image_context(tokens)                   # per-block (k, v), or None where no cross-attention
     context = decoder.select_batch(context, beam_index)     # e.g. repeat / reorder for beams
     logits, past = model.decode_step(ids, context, past)    # ids [B, T_new]; past from the previous step
-Training: `logits = model(input_ids, tokens)` (tokens from `encode_images` or a feature cache).
+Training: `logits = model(input_ids, model.image_tokens(batch.images))` (images, or tokens from a feature cache).
 Attention maps (P3): `model.record_attention(True)`, a forward pass, then `model.attention_maps()`.
 """
 import json
@@ -23,6 +23,7 @@ from hw3.common.errors import UserError
 from hw3.common.files import load_state_dict_file
 from hw3.p2.encoder import ImageEncoder, load_image_encoder
 from hw3.p2.peft import PEFT_KINDS, PrefixTuning, add_adapters, add_lora
+from tokenizer import IGNORE_INDEX
 
 MAX_TRAINABLE = 35_000_000  # the assignment's limit, counted on the saved checkpoint
 
@@ -118,10 +119,37 @@ class CrossAttention(nn.Module):
         return self.dropout(self.out_proj(y))
 
 
+def vocabulary_rows(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] long: the row of each token id in `token_ids`, -1 for ids not in it."""
+    rows = torch.full((vocab_size,), -1, dtype=torch.long, device=token_ids.device)
+    rows[token_ids.long()] = torch.arange(len(token_ids), device=token_ids.device)
+    return rows
+
+
+class OutputVocabulary(nn.Module):
+    """A subset of the vocabulary for the output layer: the logits are computed for `token_ids` only (row i of the
+    logits is token token_ids[i]). A training speed-up for a language model that gives every other token no
+    probability, as the toy world's tiny GPT-2 does (its configs set `train_vocab: captions`); an approximation
+    for any other. Its buffers are not saved in checkpoints."""
+
+    def __init__(self, token_ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.register_buffer("token_ids", token_ids.long(), persistent=False)
+        self.register_buffer("rows", vocabulary_rows(token_ids, vocab_size), persistent=False)
+
+    def targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Token ids -> their rows (IGNORE_INDEX stays); a token outside the subset raises ValueError."""
+        rows = self.rows[targets.clamp(min=0)]
+        if bool((rows[targets != IGNORE_INDEX] < 0).any()):
+            raise ValueError("a target token is outside the training vocabulary")
+        return torch.where(targets == IGNORE_INDEX, targets, rows)
+
+
 class CaptionModel(nn.Module):
     """Frozen `encoder` and `decoder` (GPT-2 weights already loaded, or random for tests), extended in place with the
     new modules of `config`. Only the new modules are trainable; construction fails when the trainable count, while
-    training or in a checkpoint, is MAX_TRAINABLE or more."""
+    training or in a checkpoint, is MAX_TRAINABLE or more. `output_vocabulary` (None: all tokens) restricts the
+    logits of every forward to a subset of the vocabulary, for the run that sets it (`restrict_output`)."""
 
     def __init__(self, config: CaptionConfig, encoder: ImageEncoder, decoder: Decoder):
         super().__init__()
@@ -152,10 +180,32 @@ class CaptionModel(nn.Module):
         if count >= MAX_TRAINABLE:
             raise UserError(f"{count:,} trainable parameters, the limit is < {MAX_TRAINABLE:,}:\n"
                             f"{parameter_table(self)}")
+        self.output_vocabulary: Optional[OutputVocabulary] = None
+
+    def restrict_output(self, token_ids: torch.Tensor) -> None:
+        """From now on, logits cover `token_ids` only (see OutputVocabulary)."""
+        device = self.image_proj.weight.device
+        self.output_vocabulary = OutputVocabulary(token_ids.to(device), self.decoder.config.vocab_size)
+
+    def output_token_ids(self) -> Optional[torch.Tensor]:
+        """The token id of each logit row, or None when the logits cover the whole vocabulary in id order."""
+        return self.output_vocabulary.token_ids if self.output_vocabulary is not None else None
+
+    def output_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Target token ids as rows of the logits (IGNORE_INDEX stays)."""
+        return self.output_vocabulary.targets(targets) if self.output_vocabulary is not None else targets
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images [B, 3, S, S] -> image tokens [B, N, D] (float32, no gradient)."""
         return self.encoder(images)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, N, D] of preprocessed images [B, 3, S, S], or of tokens a feature cache already holds
+        ([B, N, D], any float dtype): what a training batch carries, either way."""
+        if images.dim() == 4:
+            with torch.no_grad():
+                return self.encode_images(images)
+        return images.float()
 
     def image_context(self, image_tokens: torch.Tensor) -> List[Optional[KeyValue]]:
         """Per decoder block: the cross-attention's image (k, v) [B, H, N, d], or None where there is none."""
@@ -171,10 +221,11 @@ class CaptionModel(nn.Module):
             context = self.image_context(context)
         prefix_kv = self.prefix() if self.prefix is not None else None
         return self.decoder(input_ids, past=past, attention_mask=attention_mask, position_ids=position_ids,
-                            context=context, prefix_kv=prefix_kv)
+                            context=context, prefix_kv=prefix_kv, output_ids=self.output_token_ids())
 
     def forward(self, input_ids: torch.Tensor, context, attention_mask=None) -> torch.Tensor:
-        """Teacher-forced logits [B, T, vocab] for a whole sequence (training, attention maps)."""
+        """Teacher-forced logits [B, T, vocab] for a whole sequence (training, attention maps); with an output
+        vocabulary, [B, T, its size] (targets: `output_targets`)."""
         return self.decode_step(input_ids, context, attention_mask=attention_mask)[0]
 
     def train(self, mode: bool = True) -> "CaptionModel":

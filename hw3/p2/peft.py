@@ -3,11 +3,12 @@ LoRA (through loralib). Each `add_*` function fits a Decoder in place, using the
 the decoder's output unchanged at initialisation (zero-init up-projection, zero-init LoRA B); prefix tuning changes
 the output from the start, as prefixes do.
 
-loralib 0.1.2 merges B@A into the frozen weight on `.eval()` and subtracts it on `.train()`. Loading or changing
-lora_A/B while merged would leave a stale delta in the weight: load under `decoder.unmerged(model)` (the checkpoint
-functions in checkpoint.py do), which unmerges, and re-merges with the new values when the mode is restored.
+LoRA layers are built with `merge_weights=False`: loralib 0.1.2 would otherwise add B@A into the frozen weight on
+`.eval()` and subtract it on `.train()`, so every validation would leave the frozen weight changed by float rounding,
+and a resumed run (which reads the frozen weight fresh from decoder_model.bin) would differ from the uninterrupted one.
+Unmerged, the frozen weights never change and B(A x) is added in every forward (rank 8-16: a small cost).
 """
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import loralib as lora
 import torch
@@ -40,13 +41,12 @@ class Adapter(nn.Module):
 
 
 def add_adapters(decoder: Decoder, bottleneck: int, placement: Sequence[str] = ("attn", "mlp"),
-                 layers: Optional[Sequence[int]] = None, dropout: float = 0.0) -> None:
-    """Adapters in `block.attn_adapter` and/or `block.mlp_adapter` of the given layers (default: all)."""
+                 dropout: float = 0.0) -> None:
+    """Adapters in `block.attn_adapter` and/or `block.mlp_adapter` of every block."""
     unknown = set(placement) - {"attn", "mlp"}
     if unknown or not placement:
         raise UserError(f"adapter placement must be a non-empty subset of ('attn', 'mlp'), got {list(placement)}")
-    for i in _layer_indices(decoder.config, layers):
-        block = decoder.transformer.h[i]
+    for block in decoder.transformer.h:
         for where in placement:
             setattr(block, f"{where}_adapter", Adapter(decoder.config.n_embd, bottleneck, dropout))
 
@@ -101,8 +101,8 @@ class PrefixTuning(nn.Module):
 # ---- (c) LoRA (Hu et al., 2021) through loralib ---------------------------------------------------------------------
 
 def add_lora(decoder: Decoder, rank: int, alpha: float, dropout: float = 0.0,
-             targets: Sequence[str] = ("attn.c_attn",), qkv: str = "qv", layers: Optional[Sequence[int]] = None) -> None:
-    """Replaces the chosen nn.Linear projections (names from LORA_TARGETS) of the given layers by loralib layers with
+             targets: Sequence[str] = ("attn.c_attn",), qkv: str = "qv") -> None:
+    """Replaces the chosen nn.Linear projections (names from LORA_TARGETS) of every block by loralib layers with
     the same names and the same frozen weights. GPT-2's fused q/k/v projection `attn.c_attn` becomes a
     `lora.MergedLinear` adapting only the parts named in `qkv` (e.g. "qv", as in the LoRA paper)."""
     unknown = set(targets) - set(LORA_TARGETS)
@@ -110,29 +110,20 @@ def add_lora(decoder: Decoder, rank: int, alpha: float, dropout: float = 0.0,
         raise UserError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {list(targets)}")
     if not qkv or set(qkv) - set("qkv"):
         raise UserError(f"qkv must name some of 'q', 'k', 'v', got {qkv!r}")
-    for i in _layer_indices(decoder.config, layers):
-        block = decoder.transformer.h[i]
+    for block in decoder.transformer.h:
         for target in targets:
             parent_name, name = target.split(".")
             parent = getattr(block, parent_name)
             old = getattr(parent, name)
-            kwargs = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout)
+            kwargs = dict(r=rank, lora_alpha=alpha, lora_dropout=dropout, merge_weights=False)
             if target == "attn.c_attn":
                 new = lora.MergedLinear(old.in_features, old.out_features,
                                         enable_lora=[part in qkv for part in "qkv"], **kwargs)
             else:
                 new = lora.Linear(old.in_features, old.out_features, **kwargs)
-            with torch.no_grad():  # a new loralib layer is in train mode, unmerged: copy, then match the mode
+            with torch.no_grad():
                 new.weight.copy_(old.weight)
                 new.bias.copy_(old.bias)
             new.train(old.training)
             setattr(parent, name, new.to(old.weight.device, old.weight.dtype))
 
-
-def _layer_indices(config: GPTConfig, layers: Optional[Sequence[int]]) -> List[int]:
-    if layers is None:
-        return list(range(config.n_layer))
-    bad = [i for i in layers if not 0 <= i < config.n_layer]
-    if bad:
-        raise UserError(f"layer indices {bad} out of range for {config.n_layer} layers")
-    return sorted(set(layers))

@@ -1,25 +1,32 @@
 """The training loop behind p2_train.py (config: hw3.p2.config.TrainConfig).
 
 - AdamW on the trainable parameters only (weight decay on matrices), linear warmup then cosine to zero, gradient
-  clipping, label smoothing, gradient accumulation; fp16 autocast + GradScaler on CUDA, fp32 on CPU.
+  clipping, gradient accumulation; fp16 autocast + GradScaler on CUDA, fp32 on CPU.
+- The objective is an object with one call, `loss, stats = objective(model, batch)`: CrossEntropy (stage xe) or
+  scst.SelfCritical (stage scst, on a model loaded from `init`). The loop does not know which one it runs.
 - Several processes through torchrun: DistributedDataParallel with a DistributedSampler; only rank 0 validates,
   saves and logs, the other ranks wait at a barrier meanwhile.
 - Validation: captions for the val images (generation.caption_images), CIDEr + CLIPScore (metrics.score_captions);
   the best checkpoint by CIDEr is kept.
-- `train_vocab: captions` computes the training softmax over the tokens that occur in the training captions (and
-  the end token) instead of all 50257: exact when the LM gives every other token no probability, as the toy
-  world's tiny GPT-2 does, an approximation otherwise. Generation always uses the full vocabulary.
-- Ctrl-C saves last.safetensors + resume.pt before leaving; `--resume` continues at the last optimizer step.
-- `stage: scst` replaces the cross-entropy by the self-critical loss (hw3/p2/scst.py) on a model loaded from `init`
-  (a trained checkpoint); everything else (validation, checkpoints, resume, AMP, DDP) is the same loop.
+- `train_vocab: captions` gives the run's model an output vocabulary of the training captions' tokens and the end
+  token (CaptionModel.restrict_output): training, SCST candidates and validation compute those logits only.
+  hw3_2.sh, P3 and the report load the checkpoint into a full-vocabulary model.
+- Exact resume: every micro-batch seeds torch's generator from (seed, rank, epoch, batch), and resume.pt holds the
+  trainable tensors with the optimizer, schedule and progress, so a run stopped anywhere (Ctrl-C, a kill) and
+  resumed with --resume computes the same tensors as the run that never stopped. Ctrl-C stops at the next optimizer
+  step and saves; a second Ctrl-C stops at once, and --resume goes back to the last save.
 
-The phases, in order: `Trainer(...)` sets up (processes, model, data, optimizer, resume state); `run()` trains epoch
-by epoch (`train_epoch` -> `train_batch` -> `optimizer_step`), validating and saving (`validate_and_save`,
-`save_last`); `finish()` writes the summary. The run folder's files are written by run_files.py.
+The phases, in order: `Trainer(...)` sets up (processes, model, data, objective, optimizer, resume state); `run()`
+trains epoch by epoch (`train_epoch` -> `train_batch` -> `optimizer_step`), validating and saving
+(`validate_and_save`, `save_last`); `finish()` writes the summary. The run folder's files are written by
+run_files.py.
 """
 import dataclasses
+import hashlib
 import math
 import os
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,14 +47,14 @@ from hw3.common.images import ImageFiles
 from hw3.p2.checkpoint import load_trainable, read_checkpoint
 from hw3.p2.config import DataPaths, TrainConfig
 from hw3.p2.data import (CaptionBatch, CaptionDataset, CaptionSplit, caption_vocabulary, collate_captions,
-                         feature_cache, image_batches, image_transform, read_split, tokenize_captions)
+                         feature_cache, image_batches, read_split, tokenize_captions)
 from hw3.p2.encoder import ImageEncoder, load_image_encoder
 from hw3.p2.generation import autocast_for, caption_images
 from hw3.p2.metrics import ClipScorer, score_captions
 from hw3.p2.model import CaptionModel, load_decoder, parameter_table
-from hw3.p2.optim import VocabularySubset, adamw, warmup_cosine_scheduler
+from hw3.p2.optim import adamw, warmup_cosine_scheduler
 from hw3.p2.run_files import RunFiles, finished_run
-from hw3.p2.scst import ClipReward, SCSTStats, SelfCritical
+from hw3.p2.scst import ClipReward, SelfCritical
 from tokenizer import EOT_ID, IGNORE_INDEX, BPETokenizer
 
 
@@ -101,32 +108,68 @@ def build_model(config: TrainConfig, paths: DataPaths, device: torch.device) -> 
     return CaptionModel(model_config, encoder, decoder).to(device), dataclasses.replace(config, model=model_config)
 
 
-# ---- the loss ---------------------------------------------------------------------------------------------------
+# ---- the objectives ------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class LossSettings:
-    encode: bool  # batch.images are images for the encoder (False: cached encoder tokens)
-    amp: bool = False  # fp16 autocast (CUDA only)
-    label_smoothing: float = 0.0
-    vocabulary: Optional[VocabularySubset] = None  # train_vocab: captions
+class CrossEntropy:
+    """Mean token cross-entropy of a CaptionBatch (stage xe): `loss, stats = objective(model, batch)`, where `model` is
+    the captioner or its DistributedDataParallel wrapper. stats is empty."""
+
+    def __init__(self, label_smoothing: float = 0.0, amp: bool = False):
+        self.label_smoothing, self.amp = label_smoothing, amp
+
+    def __call__(self, model: nn.Module, batch: CaptionBatch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        captioner: CaptionModel = getattr(model, "module", model)
+        tokens = captioner.image_tokens(batch.images)
+        with autocast_for(tokens.device) if self.amp else nullcontext():
+            logits = model(batch.input_ids, tokens)
+        targets = captioner.output_targets(batch.targets)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               label_smoothing=self.label_smoothing)
+        return loss, {}
 
 
-def caption_loss(captioner: CaptionModel, batch: CaptionBatch, settings: LossSettings, device: torch.device,
-                 forward: Optional[nn.Module] = None) -> torch.Tensor:
-    """Mean token cross-entropy of a CaptionBatch. `forward`: what runs the decoder (the captioner's DDP wrapper
-    under torchrun; default the captioner itself)."""
-    images = batch.images.to(device, non_blocking=True)
-    with torch.no_grad():
-        tokens = captioner.encode_images(images) if settings.encode else images.float()
-    input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
-    amp = autocast_for(device) if settings.amp else nullcontext()  # fp16 on CUDA only
-    vocabulary = settings.vocabulary
-    with amp, (vocabulary.head(captioner.decoder) if vocabulary else nullcontext()):
-        logits = (forward or captioner)(input_ids, tokens)
-    if vocabulary:
-        targets = vocabulary.targets(targets)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           label_smoothing=settings.label_smoothing)
+def build_objective(config: TrainConfig, split: CaptionSplit, tokenizer: BPETokenizer,
+                    scorer: Optional[ClipScorer], device: torch.device):
+    """The config's objective: CrossEntropy, or (stage scst) SelfCritical with rewards against the training
+    references and, when scst.clip_weight > 0, the CLIPScore model's embeddings of the training images."""
+    if config.stage == "xe":
+        return CrossEntropy(config.label_smoothing, config.amp)
+    clip_reward = None
+    if config.scst.clip_weight > 0:
+        clip_reward = ClipReward(scorer or ClipScorer.load(config.data_paths().clip_model, device), split.paths)
+    return SelfCritical(config.scst, config.decode, split.captions, tokenizer, clip_reward, config.amp)
+
+
+def step_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
+    """The seed of one micro-batch's randomness (dropout): a function of where the batch stands, so a resumed run
+    draws what the uninterrupted one drew."""
+    return int(hashlib.sha256(f"{seed}/{rank}/{epoch}/{batch}".encode()).hexdigest()[:15], 16)
+
+
+class StopRequest:
+    """While active, the first SIGINT (Ctrl-C) asks the run to stop at the next optimizer step, where the saved state
+    is whole; a second one stops it at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self) -> "StopRequest":
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this optimizer step, then saving (Ctrl-C again: stop now, without saving)",
+              file=sys.stderr, flush=True)
+
+
+class StopTraining(Exception):
+    pass
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -136,41 +179,35 @@ class TrainingData(NamedTuple):
     train_split: CaptionSplit  # the training images' files and reference captions
     val_loader: DataLoader  # val images (or cached tokens) in val_keys order
     val_keys: List[str]
-    encode: bool  # items are images for the encoder, not cached tokens
     workers: int  # DataLoader processes for the training items
-    vocabulary: Optional[VocabularySubset]  # train_vocab: captions
+
+
+def encoder_inputs(config: TrainConfig, encoder: ImageEncoder, splits: List[CaptionSplit], processes: Processes):
+    """Per split, its images for the encoder, or (cache_features; rank 0 computes, the others wait) their cached
+    encoder tokens."""
+    if not config.cache_features:
+        return [ImageFiles(split.paths, encoder.preprocess) for split in splits]
+    started, cache_dir = time.time(), os.path.expanduser(config.cache_dir)
+    for turn in (0, 1) if processes.world_size > 1 else (0,):
+        if processes.main == (turn == 0):
+            inputs = [feature_cache(encoder, split.paths, cache_dir, processes.device) for split in splits]
+        processes.barrier()
+    if processes.main:
+        print(f"encoder tokens cached in {cache_dir} ({time.time() - started:.1f} s)", flush=True)
+    return inputs
 
 
 def load_data(config: TrainConfig, paths: DataPaths, encoder: ImageEncoder, tokenizer: BPETokenizer,
               processes: Processes) -> TrainingData:
-    """Annotations, tokenised captions, and images or (cache_features; rank 0 computes, the others wait) their
-    cached encoder tokens."""
+    """Annotations, tokenised captions, and images or their cached encoder tokens."""
     train_split = read_split(paths.train_json, paths.train_images)
     val_split = read_split(paths.val_json, paths.val_images)
     captions = tokenize_captions(train_split, tokenizer, config.model.max_caption_length)
-    if config.cache_features:
-        started, cache_dir = time.time(), os.path.expanduser(config.cache_dir)
-        for turn in (0, 1) if processes.world_size > 1 else (0,):
-            if processes.main == (turn == 0):
-                train_images = feature_cache(encoder, train_split.paths, cache_dir, processes.device)
-                val_images = feature_cache(encoder, val_split.paths, cache_dir, processes.device)
-            processes.barrier()
-        if processes.main:
-            print(f"encoder tokens cached in {cache_dir} ({time.time() - started:.1f} s)", flush=True)
-    else:
-        train_images = ImageFiles(train_split.paths, image_transform(encoder, config.augment))
-        val_images = ImageFiles(val_split.paths, encoder.preprocess)
+    train_images, val_images = encoder_inputs(config, encoder, [train_split, val_split], processes)
     workers = 0 if config.cache_features else config.num_workers  # a memmap read is cheaper than a process
     val_loader = image_batches(val_images, config.val_batch_size, workers, config.val_images or None)
-    vocabulary = None
-    if config.train_vocab == "captions":
-        token_ids = caption_vocabulary(captions, extra=[EOT_ID])
-        vocabulary = VocabularySubset(token_ids, config.model.decoder.vocab_size, processes.device)
-        if processes.main:
-            print(f"training softmax over the {len(token_ids)} tokens of the training captions", flush=True)
     train = CaptionDataset(train_images, captions, per_image=config.epoch_items == "images", seed=config.seed)
-    return TrainingData(train, train_split, val_loader, val_split.keys[:len(val_loader.dataset)],
-                        not config.cache_features, workers, vocabulary)
+    return TrainingData(train, train_split, val_loader, val_split.keys[:len(val_loader.dataset)], workers)
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
@@ -195,36 +232,25 @@ class Trainer:
         self.device = self.processes.device
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the new modules' initial weights
         self.paths = config.data_paths()
         self.model, self.config = build_model(config, self.paths, self.device)
         self.config_file = config_file
         self.files = RunFiles(self.config.out, active=self.processes.main)
         state = self.files.load_resume() if resume else None
-        start_from = str(self.files.last) if state is not None else self.config.init
-        if start_from:  # before the optimizer is built: loading may collapse the prefix MLP
-            load_trainable(self.model, read_checkpoint(start_from)[1], source=start_from)
-        if self.processes.main:
-            print(parameter_table(self.model), flush=True)
-
+        self.load_start(state)
         self.tokenizer = BPETokenizer()
         self.data = load_data(self.config, self.paths, self.model.encoder, self.tokenizer, self.processes)
-        self.loss_settings = LossSettings(self.data.encode, self.config.amp, self.config.label_smoothing,
-                                          self.data.vocabulary)
+        if self.config.train_vocab == "captions":
+            self.restrict_output()
+        self.scorer = ClipScorer.load(self.paths.clip_model, self.device) if self.processes.main else None
+        self.objective = build_objective(self.config, self.data.train_split, self.tokenizer, self.scorer,
+                                         self.device)
+        self.stats: List[Dict[str, float]] = []  # the objective's stats of the batches since the last validation
         self.sampler = DistributedSampler(self.data.train, num_replicas=self.processes.world_size,
                                           rank=self.processes.rank, shuffle=True, seed=self.config.seed)
-        self.scorer = ClipScorer.load(self.paths.clip_model, self.device) if self.processes.main else None
-        self.self_critical = self.build_self_critical() if self.config.stage == "scst" else None
-        self.scst_stats: List[SCSTStats] = []  # of the batches since the last validation
-
         self.batches_per_epoch = math.ceil(len(self.sampler) / self.config.batch_size)
-        total_steps = self.config.epochs * math.ceil(self.batches_per_epoch / self.config.grad_accum)
-        if self.config.max_steps:
-            total_steps = min(total_steps, self.config.max_steps)
-        self.optimizer = adamw(self.model.named_parameters(), self.config.lr, self.config.weight_decay)
-        self.scheduler = warmup_cosine_scheduler(self.optimizer, max(1, round(self.config.warmup_ratio * total_steps)),
-                                                 total_steps)
-        self.scaler = torch.cuda.amp.GradScaler(enabled=self.config.amp and self.device.type == "cuda")
+        self.build_optimizer()
         self.forward = DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if self.processes.world_size > 1 else self.model
@@ -233,16 +259,32 @@ class Trainer:
             self.restore(state)
         self.files.start(self.config, config_file, self.paths)
 
-    def build_self_critical(self) -> SelfCritical:
-        """The SCST objective: rewards against the training references (and the CLIPScore model's embeddings of the
-        training images when scst.clip_weight > 0)."""
-        scst, split = self.config.scst, self.data.train_split
-        clip_reward = None
-        if scst.clip_weight > 0:
-            scorer = self.scorer or ClipScorer.load(self.paths.clip_model, self.device)
-            clip_reward = ClipReward(scorer, split.paths)
-        return SelfCritical(scst, self.config.decode, split.captions, self.tokenizer, clip_reward,
-                            self.data.vocabulary, seed=self.config.seed + self.processes.rank, device=self.device)
+    def load_start(self, state: Optional[dict]) -> None:
+        """The trained tensors to start from: resume.pt's, or `init`'s checkpoint. Before the optimizer is built:
+        loading may collapse the prefix MLP."""
+        if state is not None:
+            load_trainable(self.model, state["model"], source=str(self.files.resume))
+        elif self.config.init:
+            load_trainable(self.model, read_checkpoint(self.config.init)[1], source=self.config.init)
+        if self.processes.main:
+            print(parameter_table(self.model), flush=True)
+
+    def restrict_output(self) -> None:
+        """train_vocab: captions: the model's logits cover the training captions' tokens and the end token."""
+        token_ids = caption_vocabulary(self.data.train.captions, extra=[EOT_ID])
+        self.model.restrict_output(token_ids)
+        if self.processes.main:
+            print(f"output layer over the {len(token_ids)} tokens of the training captions", flush=True)
+
+    def build_optimizer(self) -> None:
+        config = self.config
+        total_steps = config.epochs * math.ceil(self.batches_per_epoch / config.grad_accum)
+        if config.max_steps:
+            total_steps = min(total_steps, config.max_steps)
+        self.optimizer = adamw(self.model.named_parameters(), config.lr, config.weight_decay)
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, max(1, round(config.warmup_ratio * total_steps)),
+                                                 total_steps)
+        self.scaler = torch.cuda.amp.GradScaler(enabled=config.amp and self.device.type == "cuda")
 
     def restore(self, state: dict) -> None:
         """Optimizer, schedule, GradScaler and progress from a resume.pt state."""
@@ -259,17 +301,29 @@ class Trainer:
 
     def run(self) -> Optional[dict]:
         """Trains until the epochs (or max_steps) are done; returns the summary (rank 0) or None (other ranks).
-        Ctrl-C saves the state for --resume and exits with status 130."""
+        Ctrl-C stops at the next optimizer step, saves the state for --resume and exits with status 130."""
         try:
-            while not self.finished:
-                self.train_epoch()
-        except KeyboardInterrupt:
+            with StopRequest() as self.stop:
+                while not self.finished:
+                    if self.stop_requested():
+                        raise StopTraining
+                    self.train_epoch()
+        except StopTraining:
             if self.processes.main:
                 self.save_last()
-                print(f"\ninterrupted: saved {self.files.last} and {self.files.resume} (continue with --resume "
-                      f"--out {self.config.out})")
+                print(f"\nstopped: saved {self.files.last} and {self.files.resume} (continue with --resume "
+                      f"--out {self.config.out})", flush=True)
             raise SystemExit(130)
         return self.finish()
+
+    def stop_requested(self) -> bool:
+        """Whether any process was asked to stop (all agree, so they stop at the same step)."""
+        requested = self.stop.requested
+        if self.processes.world_size > 1:
+            flag = torch.tensor([float(requested)], device=self.device)
+            dist.all_reduce(flag)
+            requested = bool(flag.item())
+        return requested
 
     def train_epoch(self) -> None:
         """The rest of the current epoch (all of it, unless resumed mid-epoch), then validation."""
@@ -284,9 +338,10 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.processes.main,
                    initial=batch_index, total=self.batches_per_epoch)
         for batch in bar:
+            torch.manual_seed(step_seed(config.seed, self.processes.rank, epoch, batch_index))
             batch_index += 1
             sync = batch_index % config.grad_accum == 0 or batch_index == self.batches_per_epoch
-            losses.append(self.train_batch(batch, sync))
+            losses.append(self.train_batch(batch.to(self.device), sync))
             if not sync:
                 continue
             self.optimizer_step()
@@ -296,6 +351,8 @@ class Trainer:
             if config.val_every and progress.step % config.val_every == 0:
                 self.validate_and_save(epoch + 1, losses, time.time() - started)
                 losses, started = [], time.time()
+            if batch_index < self.batches_per_epoch and self.stop_requested():  # the epoch's end validates first
+                raise StopTraining
             if config.max_steps and progress.step >= config.max_steps:
                 break
         if batch_index >= self.batches_per_epoch:
@@ -310,13 +367,10 @@ class Trainer:
         returns its loss."""
         no_sync = self.processes.world_size > 1 and not sync
         with self.forward.no_sync() if no_sync else nullcontext():
-            if self.self_critical is not None:
-                loss, stats = self.self_critical.loss(self.model, batch, self.data.encode, self.config.amp,
-                                                      self.device, self.forward)
-                self.scst_stats.append(stats)
-            else:
-                loss = caption_loss(self.model, batch, self.loss_settings, self.device, self.forward)
+            loss, stats = self.objective(self.forward, batch)
             self.scaler.scale(loss / self.config.grad_accum).backward()
+        if stats:
+            self.stats.append(stats)
         return loss.item()
 
     def optimizer_step(self) -> None:
@@ -329,14 +383,19 @@ class Trainer:
         self.scheduler.step()
         self.progress.step += 1
 
+    def mean_stats(self, last: Optional[int] = None) -> Dict[str, float]:
+        """The mean of each objective statistic over the `last` batches (None: since the last validation)."""
+        recent = self.stats[-last:] if last else self.stats
+        return {key: mean(stats[key] for stats in recent) for key in recent[0]} if recent else {}
+
     def log_loss(self, epoch: int, losses: List[float]) -> None:
-        """Every log_every optimizer steps: the mean loss of the last log_every micro-batches."""
+        """Every log_every optimizer steps: the mean loss (and objective statistics) of the last log_every
+        micro-batches."""
         step, every = self.progress.step, self.config.log_every
         if step % every == 0:
             recent = losses[-every:]
-            scst = {"reward": mean([s.reward for s in self.scst_stats[-every:]])} if self.scst_stats else {}
             self.files.log(type="train", epoch=epoch + 1, step=step, loss=sum(recent) / len(recent),
-                           lr=self.scheduler.get_last_lr()[0], **scst)
+                           lr=self.scheduler.get_last_lr()[0], **self.mean_stats(every))
 
     @torch.no_grad()
     def validate(self) -> Tuple[Dict[str, float], Dict[str, str]]:
@@ -344,8 +403,7 @@ class Trainer:
         self.model.eval()
         captions: List[str] = []
         for images in tqdm(self.data.val_loader, desc="val captions", leave=False):
-            images = images.to(self.device)
-            tokens = self.model.encode_images(images) if self.data.encode else images.float()
+            tokens = self.model.image_tokens(images.to(self.device))
             captions += caption_images(self.model, tokens, self.config.decode, self.tokenizer)
         self.model.train()
         predictions = dict(zip(self.data.val_keys, captions))
@@ -357,31 +415,28 @@ class Trainer:
     def validate_and_save(self, epoch: int, losses: List[float], seconds: float) -> None:
         """Validation, the best checkpoint, last.safetensors + resume.pt, logs and summary (rank 0); the other ranks
         wait."""
-        progress = self.progress
         if self.processes.main:
-            started = time.time()
-            scores, predictions = self.validate()
-            record = dict(epoch=epoch, step=progress.step,
-                          train_loss=sum(losses) / max(1, len(losses)), CIDEr=scores["CIDEr"],
-                          CLIPScore=scores["CLIPScore"], seconds=round(seconds, 2),
-                          val_seconds=round(time.time() - started, 2))
-            if self.scst_stats:  # the training candidates since the last validation
-                stats = self.scst_stats
-                record.update(reward=mean([s.reward for s in stats]), sample_cider=mean([s.cider for s in stats]),
-                              sample_ended=mean([s.ended for s in stats]))
-            progress.history.append(record)
-            if progress.best is None or scores["CIDEr"] > progress.best["CIDEr"]:
-                progress.best, progress.best_epoch = scores, record["epoch"]
-                self.files.save_best(self.model, predictions)
-            self.files.log(type="val", **record)
-            reward = f", mean candidate reward {record['reward']:.4f}" if "reward" in record else ""
-            tqdm.write(f"epoch {record['epoch']} step {progress.step}: train loss {record['train_loss']:.4f}{reward}, "
-                       f"val CIDEr {scores['CIDEr']:.4f}, CLIPScore {scores['CLIPScore']:.4f} "
-                       f"({record['val_seconds']} s)")
+            self.record_validation(epoch, losses, seconds)
             self.save_last()
-            self.files.write_summary(self.config, self.config_file, self.paths, self.model, progress)
-        self.scst_stats = []  # on every rank (only rank 0 reports them)
+            self.files.write_summary(self.config, self.config_file, self.paths, self.model, self.progress)
+        self.stats = []  # on every rank (only rank 0 reports them)
         self.processes.barrier()
+
+    def record_validation(self, epoch: int, losses: List[float], seconds: float) -> None:
+        progress, started = self.progress, time.time()
+        scores, predictions = self.validate()
+        record = dict(epoch=epoch, step=progress.step, train_loss=sum(losses) / max(1, len(losses)),
+                      CIDEr=scores["CIDEr"], CLIPScore=scores["CLIPScore"], seconds=round(seconds, 2),
+                      val_seconds=round(time.time() - started, 2), **self.mean_stats())
+        progress.history.append(record)
+        if progress.best is None or scores["CIDEr"] > progress.best["CIDEr"]:
+            progress.best, progress.best_epoch = scores, record["epoch"]
+            self.files.save_best(self.model, predictions)
+        self.files.log(type="val", **record)
+        reward = f", mean candidate reward {record['reward']:.4f}" if "reward" in record else ""
+        tqdm.write(f"epoch {record['epoch']} step {progress.step}: train loss {record['train_loss']:.4f}{reward}, "
+                   f"val CIDEr {scores['CIDEr']:.4f}, CLIPScore {scores['CLIPScore']:.4f} "
+                   f"({record['val_seconds']} s)")
 
     def save_last(self) -> None:
         self.files.save_last(self.model, dict(

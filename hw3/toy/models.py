@@ -24,8 +24,9 @@ from clip.model import CLIP
 from tqdm import tqdm
 
 from decoder import Decoder, GPTConfig
-from hw3.common.clip_models import CLIP_MEAN, CLIP_STD
-from hw3.p2.optim import VocabularyHead, VocabularySubset, adamw, vocabulary_rows, warmup_cosine_scheduler
+from hw3.common.clip_models import CLIP_MEAN, CLIP_STD, encode_text_trimmed
+from hw3.p2.model import OutputVocabulary, vocabulary_rows
+from hw3.p2.optim import adamw, warmup_cosine_scheduler
 from tokenizer import EOT_ID, BPETokenizer, make_caption_batch
 
 
@@ -53,6 +54,14 @@ class SeenTokenEmbedding(nn.Module):
     def write_back(self, embedding: nn.Embedding) -> nn.Embedding:
         embedding.weight[self.token_ids] = self.weight.to(embedding.weight)
         return embedding
+
+
+class SeenTokenHead(nn.Module):
+    """The output layer tied to a SeenTokenEmbedding: logits for its rows only (Decoder.forward reads `weight`)."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
 
 
 # ---------------------------------------------------------------------------------------------------- tiny CLIP
@@ -102,19 +111,6 @@ def grow_position_embedding(model: CLIP, image_size: int) -> nn.Parameter:
     visual.positional_embedding = nn.Parameter(torch.cat([old[:1], patches.reshape(-1, new_grid ** 2).t()]))
     visual.input_resolution = image_size
     return visual.positional_embedding
-
-
-def encode_text_short(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
-    """`model.encode_text` on tokens cut to their longest caption: causal attention makes the result identical."""
-    length = tokens.shape[1]
-    x = model.token_embedding(tokens) + model.positional_embedding[:length]
-    x = x.permute(1, 0, 2)
-    for block in model.transformer.resblocks:
-        h = block.ln_1(x)
-        x = x + block.attn(h, h, h, need_weights=False, attn_mask=block.attn_mask[:length, :length].to(x))[0]
-        x = x + block.mlp(block.ln_2(x))
-    x = model.ln_final(x.permute(1, 0, 2))
-    return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ model.text_projection
 
 
 def tokenize_short(captions: Sequence[str]) -> torch.Tensor:
@@ -174,7 +170,7 @@ def zero_shot_accuracy(model: CLIP, images: torch.Tensor, labels: torch.Tensor, 
     model.eval()
     device = model.positional_embedding.device
     tokens = tokenize_short([template.format(c) for c in class_names]).to(device)
-    text = F.normalize(encode_text_short(model, tokens), dim=-1)
+    text = F.normalize(encode_text_trimmed(model, tokens), dim=-1)
     correct = 0
     images = resize_images(images, model.visual.input_resolution)
     for start in range(0, len(images), 500):
@@ -243,13 +239,13 @@ def train_tiny_clip(images: torch.Tensor, captions: List[List[str]], keys: List[
             tokens = all_tokens[[rng.choice(caption_ids[i]) for i in batch]]
             tokens = tokens[:, : int((tokens != 0).sum(1).max())].to(device)
             image_features = F.normalize(model.encode_image(normalise_images(epoch_images[batch]).to(device)), dim=-1)
-            text_features = F.normalize(encode_text_short(model, tokens), dim=-1)
+            text_features = F.normalize(encode_text_trimmed(model, tokens), dim=-1)
             scale = model.logit_scale.exp().clamp(max=100)
             loss = contrastive_loss(image_features, text_features, scale)
             labels = attribute_labels[batch].to(device)
             if config.attribute_weight and bool((labels >= 0).all()):
                 for which, prompt_tokens in enumerate(attribute_tokens):
-                    prompts = F.normalize(encode_text_short(model, prompt_tokens), dim=-1)
+                    prompts = F.normalize(encode_text_trimmed(model, prompt_tokens), dim=-1)
                     loss = loss + config.attribute_weight * F.cross_entropy(
                         scale * image_features @ prompts.t(), labels[:, which])
             optimizer.zero_grad(set_to_none=True)
@@ -335,8 +331,8 @@ def train_tiny_lm(train_captions: List[str], config: LMConfig, val_captions: Opt
     decoder = Decoder(GPTConfig(n_layer=config.n_layer, n_head=config.n_embd // 64, n_embd=config.n_embd)).train()
     full_wte, full_head = decoder.transformer.wte, decoder.lm_head
     decoder.transformer.wte = SeenTokenEmbedding(full_wte, seen)
-    decoder.lm_head = VocabularyHead(decoder.transformer.wte.weight)  # tied to the trained rows
-    vocabulary = VocabularySubset(seen, decoder.config.vocab_size)
+    decoder.lm_head = SeenTokenHead(decoder.transformer.wte.weight)  # tied to the trained rows
+    vocabulary = OutputVocabulary(seen, decoder.config.vocab_size)
     pin_constant_dim(decoder)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine_scheduler(optimizer, config.warmup_steps,

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from decoder import course_state_dict
 from hw3.common.clip_models import clip_resize_crop
 from hw3.common.errors import UserError
+from hw3.common.layout import CourseLayout
 from hw3.common.images import open_image
 from hw3.toy import models
 from hw3.toy.scenes import (CLASSES, COLOURS, HELD_OUT, SHAPES, Obj, captions_for, draw_scene, object_record,
@@ -53,20 +54,24 @@ class ToyWorld:
         return self.root / "hw3_data"
 
     @property
+    def layout(self) -> CourseLayout:
+        return CourseLayout(self.data)
+
+    @property
     def p1_val(self) -> Path:
-        return self.data / "p1_data" / "val"
+        return self.layout.p1_val
 
     @property
     def id2label(self) -> Path:
-        return self.data / "p1_data" / "id2label.json"
+        return self.layout.id2label
 
     @property
     def p2_data(self) -> Path:  # images/{train,val}/*.jpg, train.json, val.json
-        return self.data / "p2_data"
+        return self.layout.p2_data
 
     @property
     def p3_images(self) -> Path:
-        return self.data / "p3_data" / "images"
+        return self.layout.p3_images
 
     @property
     def clip(self) -> Path:  # the tiny CLIP: image encoder for P1/P2 and the CLIPScore model
