@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 import torch
 
 from hw3.common.errors import UserError, run_cli
-from hw3.p1 import analysis
 from hw3.p1.prompts import ENSEMBLE_SETS, TEMPLATE_SETS, resolve_templates
 from hw3.p1.zero_shot import DEFAULT_MODELS, ClassifierConfig, predict_folder
 
@@ -67,6 +66,8 @@ def predict_main(argv: Sequence[str]):
 
 
 def report_main(argv: Sequence[str]):
+    from hw3.p1 import analysis  # the report's analyses and matplotlib: classifying (hw3_1.sh) loads neither
+
     parser = argparse.ArgumentParser(prog=f"{PROG} report", description=analysis.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image_dir", help="labelled images named {class_id}_{image_id}.png (e.g. p1_data/val)")

@@ -13,14 +13,18 @@ checkpoint), else the last cross-attention layer; or give `last` or a layer inde
 of the heads' mean.
 """
 import argparse
+import dataclasses
 import sys
 from typing import List, Optional
 
 from hw3.common.errors import run_cli
+from hw3.common.files import read_json
+from hw3.common.layout import CourseLayout
 from hw3.common.manifest import default_checkpoint_help
 from hw3.p2.generation import add_decode_options, decode_config_from_args
 from hw3.p3 import grounding
-from hw3.p3.commands import GROUNDING_SPLITS, Captioner, draw_figures, measure_grounding
+from hw3.p3.commands import GROUNDING_SPLITS, Boxes, Captioner, draw_figures, measure_grounding, split_folder
+from hw3.toy.world import ToyWorld
 
 
 def add_model_options(parser: argparse.ArgumentParser, in_world: bool = False) -> None:
@@ -69,7 +73,18 @@ def grounding_main(argv: List[str]) -> None:
     parser.add_argument("--out-dir", default="results/p3/grounding", help="default %(default)s")
     add_model_options(parser, in_world=True)
     args = parser.parse_args(argv)
-    measure_grounding(args.world, captioner(args), args.split, args.limit, args.out_dir)
+    world = ToyWorld(args.world).check()
+    model = dataclasses.replace(captioner(args), decoder=args.decoder or str(world.decoder),
+                                encoder=args.encoder or str(world.clip))
+    measure_grounding(world_boxes(world, args.split), model, args.limit, args.out_dir)
+
+
+def world_boxes(world: ToyWorld, split: str) -> Boxes:
+    """One split of a toy world's boxes.json, its image folder, and the world's folder, generator and hash."""
+    manifest = world.manifest()
+    return Boxes(read_json(world.boxes, "toy world boxes.json"), split, split_folder(CourseLayout(world.data), split),
+                 {"world": str(world.root), "world_generator": manifest.get("generator_version"),
+                  "world_hash": manifest.get("hash")})
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -1,7 +1,7 @@
 """hw3_report.pdf from result files alone: every number on its pages is read from them.
 
 `build_report(p1_dir, p2_runs, p3_dir, out, toy_world)` is what make_report.py runs; its --help lists the input files.
-The toy world, when not given, is the one the P2 run summaries name in their "toy_world" key (null: course data).
+The toy world, when not given, is the one P3's grounding.json names in its "world" key (no grounding: course data).
 Paths on the pages name no machine: `write` and `table` show every absolute path relative to the repository, or
 under the cache root as `~/.cache/dlcv-hw3/...` (hw3.common.files.shown_text).
 """
@@ -22,12 +22,13 @@ from PIL import Image
 from hw3.common.errors import UserError
 from hw3.common.figures import show_picture
 from hw3.common.files import check_writable, read_json, shown_text, write_atomically
+from hw3.p1.prompts import REQUIRED_PROMPTS, shown_template
+from hw3.p2.peft import PEFT_KINDS
 from hw3.toy.world import ToyWorld
 
-METHODS = ("adapter", "prefix", "lora")
-REQUIRED_PROMPTS = ("This is a photo of {object}", "This is not a photo of {object}", "No {object}, no score.")
+REQUIRED = tuple(shown_template(prompt) for prompt in REQUIRED_PROMPTS)  # as accuracy.csv names them
 SUMMARY_KEYS = ("method", "trainable_params", "checkpoint_params", "best_epoch", "best", "epochs", "decode", "data",
-                "toy_world", "config_file", "finished_at")  # a p2_train.py run's summary.json
+                "config_file", "finished_at")  # a p2_train.py run's summary.json
 ATTENTION_KEYS = ("checkpoint", "checkpoint_sha256", "layer", "layer_reason", "head", "decode", "created_at", "images")
 GROUNDING_KEYS = ("table", "best_layer", "words_scored", "words_absent", "images", "split", "world", "world_hash",
                   "checkpoint_sha256", "created_at")
@@ -108,9 +109,9 @@ def collect_inputs(p1_dir: Path, p2_runs: Path, p3_dir: Path, toy_world: Optiona
         if summary.get("stage", "xe") == "scst":
             init = Path(summary.get("init") or "").parent / "summary.json"
             scst[summary_path.parent.name] = (summary, read_json(init) if init.is_file() else None)
-        elif method in METHODS and method not in runs:
+        elif method in PEFT_KINDS and method not in runs:
             runs[method] = summary_path.parent
-    for method in METHODS:
+    for method in PEFT_KINDS:
         if method not in runs:
             missing.append(f"{p2_runs}/*/summary.json with method {method!r} (p2_train.py run folder)")
         else:
@@ -130,16 +131,15 @@ def collect_inputs(p1_dir: Path, p2_runs: Path, p3_dir: Path, toy_world: Optiona
     if missing:
         raise ReportError("missing inputs:\n  - " + "\n  - ".join(missing))
 
-    summaries = {method: read_json(runs[method] / "summary.json") for method in METHODS}
+    summaries = {method: read_json(runs[method] / "summary.json") for method in PEFT_KINDS}
     grounding = (grounding_files[0], read_json(grounding_files[0])) if grounding_files else None
-    malformed = [line for m in METHODS for line in lacking(runs[m] / "summary.json", summaries[m], SUMMARY_KEYS)]
+    malformed = [line for m in PEFT_KINDS for line in lacking(runs[m] / "summary.json", summaries[m], SUMMARY_KEYS)]
     malformed += [line for path, info in attention for line in lacking(path, info, ATTENTION_KEYS)]
     malformed += lacking(*grounding, GROUNDING_KEYS) if grounding else []
     if malformed:
         raise ReportError("malformed inputs:\n  - " + "\n  - ".join(malformed))
-    if toy_world is None:
-        named = [s["toy_world"] for s in summaries.values() if s["toy_world"]]
-        toy_world = Path(named[0]) if named else None
+    if toy_world is None and grounding is not None:  # only a toy world has boxes to ground words in
+        toy_world = Path(grounding[1]["world"])
     world = None
     if toy_world is not None:
         files = ToyWorld(toy_world)
@@ -246,14 +246,14 @@ def p1_pages(inputs: Inputs) -> List[Figure]:
     for row in inputs.accuracy:
         key = (row["prompt"], row["templates"], row["synonyms"], row["model"])
         merged.setdefault(key, {})[row["flip"]] = row["accuracy"]
-    order = sorted(merged, key=lambda k: (REQUIRED_PROMPTS.index(k[0]) if k[0] in REQUIRED_PROMPTS else 9))
+    order = sorted(merged, key=lambda k: (REQUIRED.index(k[0]) if k[0] in REQUIRED else 9))
     rows = [[prompt, templates, synonyms, model, flips.get("no", "-"), flips.get("yes", "-")]
             for (prompt, templates, synonyms, model), flips in ((k, merged[k]) for k in order)]
     y = table(figure, y, ["prompt", "templates", "synonyms", "model", "accuracy", "with flip"], rows,
               widths=[0.38, 0.1, 0.1, 0.22, 0.1, 0.1])
     main = inputs.p1_summary["main_setting"]
-    accuracy = {row[0]: float(row[4]) for row in rows if row[0] in REQUIRED_PROMPTS}
-    positive, negated, no_score = (accuracy.get(p) for p in REQUIRED_PROMPTS)
+    accuracy = {row[0]: float(row[4]) for row in rows if row[0] in REQUIRED}
+    positive, negated, no_score = (accuracy.get(p) for p in REQUIRED)
     text = "The three required prompts give " + ", ".join(f"{p!r}: {a:.2f}%" for p, a in accuracy.items()) + ". "
     if None not in (positive, negated, no_score):
         text += (f"The negated prompt scores {'higher' if negated > positive else 'lower'} than the plain one "
@@ -290,7 +290,7 @@ def scst_table(figure: Figure, y: float, runs: Dict[str, Tuple[dict, Optional[di
 def p2_pages(inputs: Inputs) -> List[Figure]:
     figure = new_page("Problem 2: PEFT captioning")
     summaries = inputs.summaries
-    best = max(METHODS, key=lambda m: summaries[m]["best"]["CIDEr"])
+    best = max(PEFT_KINDS, key=lambda m: summaries[m]["best"]["CIDEr"])
     rows = [[m, f"{s['checkpoint_params']:,}", f"{s['trainable_params']:,}", str(s["best_epoch"]),
              f"{s['best']['CIDEr']:.4f}", f"{s['best']['CLIPScore']:.4f}", f"beam {s['decode']['beam_size']}"]
             for m, s in summaries.items()]
@@ -299,7 +299,7 @@ def p2_pages(inputs: Inputs) -> List[Figure]:
                             "(the limit is < 35M), and while training (prefix tuning may train an MLP that the "
                             "checkpoint stores collapsed).")
     y = table(figure, y, ["method", "checkpoint params", "trained params", "best epoch", "CIDEr", "CLIPScore",
-                          "decoding"], rows, bold_row=METHODS.index(best))
+                          "decoding"], rows, bold_row=PEFT_KINDS.index(best))
     text = f"Best setting by val CIDEr: {best} ({summaries[best]['best']['CIDEr']:.4f} CIDEr, " \
            f"{summaries[best]['best']['CLIPScore']:.4f} CLIPScore). Config files: " + \
            "; ".join(f"{m}: {s['config_file']}" for m, s in summaries.items()) + "."
@@ -310,13 +310,13 @@ def p2_pages(inputs: Inputs) -> List[Figure]:
     y = write(figure, y, text)
     if inputs.scst:
         y = scst_table(figure, y, inputs.scst)
-    for method in METHODS:
+    for method in PEFT_KINDS:
         epochs = summaries[method]["epochs"]
         y = write(figure, y, f"{method}: " + ", ".join(
             f"epoch {e['epoch']}: loss {e['train_loss']:.3f}, CIDEr {e['CIDEr']:.3f}, CLIPScore {e['CLIPScore']:.3f}"
             for e in epochs), size=8.5, width=120)
     curves = new_page("Problem 2: training curves (loss; val CIDEr and CLIPScore)")
-    for index, method in enumerate(METHODS):
+    for index, method in enumerate(PEFT_KINDS):
         curves.text(0.06, 0.92 - index * 0.3, method, fontsize=11, weight="bold")
         picture(curves, inputs.runs[method] / "curves.png", [0.05, 0.64 - index * 0.3, 0.9, 0.27])
     return [figure, curves]

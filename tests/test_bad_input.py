@@ -1,4 +1,4 @@
-"""Bad input never costs data: each class of failure found by the adversarial pass, through the real entry points
+"""Bad input never costs data: each class of bad input, through the real entry points
 (`bash hw3_1.sh`, `bash hw3_2.sh`, `p2_evaluate.py`, `p2_train.py`) on the small toy world: the exit status, the
 message, and that no partial or wrong output is left behind."""
 import json

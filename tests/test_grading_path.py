@@ -1,15 +1,19 @@
 """The grading path (hw3_*.sh and every project module they reach, package modules included) imports only what the
 grader has: the packages of the course's environment, never `transformers`, the PyPI `peft`, or the scorer."""
 import importlib.util
+import json
 import re
 import shlex
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from import_graph import ROOT, source_dependencies, walk
+from scoring_fixtures import tiny_clip_path  # noqa: F401  (a fixture)
 
 SCRIPTS = ["hw3_1.sh", "hw3_2.sh", "hw3_download.sh"]
 
@@ -98,6 +102,27 @@ def test_import_is_allowed(name, importer):
     assert name not in FORBIDDEN, f"{importer} imports {name}, which the grader does not allow"
     assert name in GRADER_PACKAGES or is_stdlib(name), \
         f"{importer} imports {name}: neither the standard library nor a grader package"
+
+
+PLOTTING_AND_REPORT = ("matplotlib", "hw3.p1.analysis", "hw3.report")
+
+
+def test_classifying_loads_no_plotting_and_no_report_code(tiny_clip_path, tmp_path):  # noqa: F811
+    """hw3_1.sh's path as it runs: p1_clip.py classifying a folder imports neither matplotlib nor the report's
+    analyses (only `p1_clip.py report` loads them); then importing the analyses does load both (the check sees them)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (32, 32), colour).save(images / f"{index}_0.png")
+    (tmp_path / "id2label.json").write_text(json.dumps({"0": "red square", "1": "blue square"}))
+    argv = [str(images), str(tmp_path / "id2label.json"), str(tmp_path / "pred.csv"), "--model", tiny_clip_path,
+            "--workers", "0"]
+    loaded = f"print(sorted(name for name in {PLOTTING_AND_REPORT!r} if name in sys.modules))"
+    script = f"import sys\nimport p1_clip\np1_clip.main({argv!r})\n{loaded}\nimport hw3.p1.analysis\n{loaded}\n"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "pred.csv").read_text().startswith("filename,label")
+    assert result.stdout.strip().splitlines()[-2:] == ["[]", "['hw3.p1.analysis', 'matplotlib']"]
 
 
 def test_the_walker_catches_forbidden_imports_inside_the_package(tmp_path):

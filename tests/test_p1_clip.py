@@ -324,7 +324,7 @@ def toy_accuracy(world: Path, tmp_path: Path, name: str, *options):
 @pytest.mark.slow
 def test_toy_world_accuracy_and_mirror_averaging(toy_world, tmp_path):
     # The tiny CLIP was trained on captions built from "a photo of a {}." and a few other templates, so on the toy
-    # world that single prompt beats the 18-template ensemble (93.2% vs 89.8% on toyworld-v2): not asserted here.
+    # world that single prompt beats the 18-template ensemble (demo_numbers.json lists both): not asserted here.
     default, _, result = toy_accuracy(toy_world, tmp_path, "default")
     no_flip, _, _ = toy_accuracy(toy_world, tmp_path, "no_flip", "--no-flip")
     print(f"toy accuracy: default (cifar18 + flip) {default:.4f}, cifar18 without flip {no_flip:.4f}")

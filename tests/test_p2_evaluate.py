@@ -4,6 +4,10 @@ import csv
 import io
 import json
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
@@ -122,3 +126,21 @@ def test_missing_clip_checkpoint_is_a_clear_error(caption_set, tmp_path, capsys)
                      "--annotation_file", caption_set["annotations"],
                      "--clip-model", str(tmp_path / "no_such_clip.pt")], capsys)
     assert re.search("cannot load CLIP .*no_such_clip.pt", err)
+
+
+@pytest.mark.parametrize("content, workers", [(b"", "2"), (b"\xff\xd8\xff not a JPEG", "0")],
+                         ids=["zero-byte, loader workers", "garbage, no workers"])
+def test_an_unreadable_image_is_one_error_line_naming_it(caption_set, tiny_clip_path, tmp_path, content,  # noqa: F811
+                                                         workers):
+    """Read in the main process or in a loader worker (--num-workers), an image that does not decode ends the
+    scorer with one line naming the file, exit status 2, no traceback."""
+    images = Path(shutil.copytree(caption_set["images"], tmp_path / "images"))
+    (images / "000004.jpg").write_bytes(content)
+    result = subprocess.run([sys.executable, str(Path(p2_evaluate.__file__)), "--pred_file", caption_set["pred_file"],
+                             "--images_root", str(images), "--annotation_file", caption_set["annotations"],
+                             "--clip-model", tiny_clip_path, "--tokenizer", "simple", "--num-workers", workers],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("p2_evaluate.py: error: cannot read image "), result.stderr
+    assert str(images / "000004.jpg") in errors[0] and "CIDEr:" not in result.stdout

@@ -9,8 +9,10 @@ import pytest
 
 from demo import main as demo_main
 from hw3.common.files import read_json
-from hw3.pipeline.homework import lanes
-from hw3.pipeline.inputs import CONFIG_SETS, add_input_options, inputs_from_args
+from hw3.common.files import write_json_atomically
+from hw3.pipeline import homework
+from hw3.pipeline.homework import comparison_step, lanes
+from hw3.pipeline.inputs import CONFIG_SETS, ResultPaths, add_input_options, inputs_from_args
 from hw3.pipeline.numbers import compare_numbers, readme_table
 from hw3.pipeline.steps import Step, StepFailed, StepRunner
 from hw3.toy.world import ToyWorld
@@ -103,6 +105,31 @@ def test_compare_through_the_command_line(tmp_path, capsys):
     assert capsys.readouterr().out == "identical\n"
     assert demo_main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
     assert "x: 1 vs 2" in capsys.readouterr().out
+
+
+def test_the_closing_comparison_runs_only_on_the_reference_inputs(tmp_path, monkeypatch, capsys):
+    """demo_numbers.json is compared with a run of the same inputs (toy world hash, models' sha256) only; another
+    run gets one line saying that its inputs have no reference numbers."""
+    reference = read_json(ROOT / "demo_numbers.json")
+    monkeypatch.setattr(homework, "PUBLISHED_NUMBERS", ROOT / "demo_numbers.json")
+    results = ResultPaths(tmp_path)
+
+    def closing_lines(numbers: dict) -> list:
+        write_json_atomically(results.numbers, numbers)
+        comparison_step(StepRunner(None), results, publish=False)
+        return capsys.readouterr().out.strip().splitlines()[1:]  # after the step's title
+
+    assert closing_lines(reference) == ["identical"]
+    moved = read_json(ROOT / "demo_numbers.json")
+    moved["p1"]["hw3_1"]["accuracy"] += 1
+    assert closing_lines(moved)[1:] == [f"  p1.hw3_1.accuracy: {reference['p1']['hw3_1']['accuracy']!r} vs "
+                                        f"{moved['p1']['hw3_1']['accuracy']!r}"]
+    other_world = dict(moved, toy_world={**reference["toy_world"], "hash": "0123456789abcdef"})
+    other_decoder = dict(moved, inputs={**reference["inputs"], "decoder_sha256": "0" * 64})
+    course_data = {key: value for key, value in moved.items() if key != "toy_world"}
+    for numbers in (other_world, other_decoder, course_data):
+        lines = closing_lines(numbers)
+        assert len(lines) == 1 and "these inputs have no reference numbers" in lines[0], lines
 
 
 def test_the_readme_quotes_the_committed_numbers():

@@ -4,12 +4,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from hw3.p2.data import CaptionSplit, feature_cache_path
 from hw3.pipeline.inputs import CONFIG_SETS, RunInputs
-from hw3.pipeline.preflight import FAIL, passed, run_preflight
+from hw3.pipeline.preflight import FAIL, check_feature_cache, passed, run_preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,3 +89,26 @@ def test_course_data_counts_are_checked_exactly(toy_world_small, tmp_path, capsy
                      f"data: p2 train: 400 images in {data}/p2_data/images/train, the course data has 10604",
                      f"data: p2 val: 50 images in {data}/p2_data/images/val, the course data has 1789"]
     assert ("WARN  gpu: none" in capsys.readouterr().out) != torch.cuda.is_available()
+
+
+def test_the_feature_cache_size_counts_what_the_cache_key_does_not_find(tmp_path):
+    """The disk check asks hw3.p2.data.feature_cache_path, the key feature_cache itself uses, which split is cached."""
+    cache = tmp_path / "cache"
+    config = SimpleNamespace(model=SimpleNamespace(encoder="ViT-B/32", encoder_layer=-1), cache_dir=str(cache),
+                             cache_features=True)
+    train = CaptionSplit(str(tmp_path / "train"), ["a.jpg", "b.jpg", "c.jpg"], [["a"], ["b"], ["c"]])
+    val = CaptionSplit(str(tmp_path / "val"), ["d.jpg"], [["d"]])
+    per_image = 50 * 768 * 2  # ViT-B/32 at 224 px: 7 x 7 patches + CLS, width 768, fp16
+
+    def cache_line() -> str:
+        return str(check_feature_cache([config], [train, val], 0)[0])
+
+    assert f"x 4 images not cached yet = {4 * per_image / 1e6:.1f} MB" in cache_line()
+    cache.mkdir()
+    Path(feature_cache_path(str(cache), "ViT-B/32", -1, 224, train.paths)).write_bytes(b"")
+    assert f"x 1 images not cached yet = {per_image / 1e6:.1f} MB" in cache_line()
+    Path(feature_cache_path(str(cache), "ViT-B/32", -1, 224, val.paths)).write_bytes(b"")
+    assert "already in" in cache_line()
+    Path(feature_cache_path(str(cache), "ViT-B/32", -2, 224, val.paths)).write_bytes(b"")  # another layer's: no
+    config.model.encoder_layer = -2
+    assert "x 3 images not cached yet" in cache_line()

@@ -35,8 +35,15 @@ def write_json(path: Path, data) -> None:
 
 def fabricate(root: Path) -> dict:
     """Result files shaped like p1_clip.py report, p2_train.py, p3_attention.py and toyworld.py write them."""
-    world = root / "world"
-    write_json(world / "toyworld.json", {"generator_version": "toyworld-v1", "hash": "feedc0ffee123456",
+    world = fabricate_world(root / "world")
+    fabricate_p1(root / "p1")
+    fabricate_p2(root / "p2")
+    fabricate_p3(root / "p3", world)
+    return {"p1": root / "p1", "p2": root / "p2", "p3": root / "p3", "world": world}
+
+
+def fabricate_world(world: Path) -> Path:
+    write_json(world / "toyworld.json", {"generator_version": "toyworld-fabricated", "hash": "feedc0ffee123456",
                                          "settings": {"seed": 0, "small": False},
                                          "clip": {"history": [{"p1_val_acc": 0.8896}]},
                                          "lm": {"val_perplexity": 3.21}})
@@ -44,7 +51,10 @@ def fabricate(root: Path) -> dict:
         "p3": {f"{n}.jpg": {"objects": [{"colour": "orange", "shape": "star", "box": [0, 0, 9, 9]}]}
                for n in P3_NAMES},
         "p2_val": {"111.jpg": {"objects": []}, "222.jpg": {"objects": []}}}})
-    p1 = root / "p1"
+    return world
+
+
+def fabricate_p1(p1: Path) -> None:
     write_json(p1 / "summary.json", {"main_setting": {"prompt": "cifar18", "templates": ["a photo of a {}."] * 18,
                                                       "synonyms": False, "models": ["clip.pt"], "flip": True,
                                                       "accuracy": 81.4},
@@ -60,42 +70,46 @@ def fabricate(root: Path) -> dict:
     png(p1 / "top5.png", (900, 600))
     write_json(p1 / "top5.json", [{"file": f"{i}_400.png", "true": "red star",
                                    "top": [{"label": "red star", "probability": 0.9}]} for i in range(3)])
+
+
+def fabricate_p2(p2: Path) -> None:
     for index, method in enumerate(["adapter", "prefix", "lora"]):
-        run = root / "p2" / f"toy_{method}"
+        run = p2 / f"toy_{method}"
         write_json(run / "summary.json", {
             "config_file": f"configs/toy_{method}.yaml", "method": method, "trainable_params": 20000 + index,
             "checkpoint_params": 12345 + index, "best_epoch": 2, "best": {"CIDEr": 0.9 + index / 100,
                                                                           "CLIPScore": 0.7 + index / 1000},
             "epochs": [{"epoch": 1, "train_loss": 1.5, "CIDEr": 0.5, "CLIPScore": 0.6, "seconds": 10}],
-            "decode": {"beam_size": 3}, "data": "toy world (fabricated)", "toy_world": str(world),
+            "decode": {"beam_size": 3}, "data": "toy world (fabricated)",
             "finished_at": "2026-11-23T10:00:00"})
         png(run / "curves.png", (1100, 400))
-    write_json(root / "p2" / "val_scores.json", {"CIDEr": 0.9345, "CLIPScore": 0.7123, "num_images": 500,
-                                                 "annotation_file": "val.json", "clip_model": "clip.pt",
-                                                 "tokenizer": "ptb"})
+    write_json(p2 / "val_scores.json", {"CIDEr": 0.9345, "CLIPScore": 0.7123, "num_images": 500,
+                                        "annotation_file": "val.json", "clip_model": "clip.pt", "tokenizer": "ptb"})
+
+
+def fabricate_p3(p3: Path, world: Path) -> None:
     common = {"checkpoint": "runs/toy_lora/best.safetensors", "checkpoint_sha256": "ab" * 32, "layer": 1,
               "layer_reason": "best grounding layer measured", "head": None, "decode": {"beam_size": 3},
               "created_at": "2026-11-23T11:00:00"}
     records = []
     for name in P3_NAMES:
-        png(root / "p3" / "images" / f"{name}.png", (1400, 1100))
+        png(p3 / "images" / f"{name}.png", (1400, 1100))
         records.append({"name": name, "file": f"/data/{name}.jpg", "figure": f"elsewhere/{name}.png",
                         "caption": "An orange star and a red triangle.", "cls_share": 0.2})
-    write_json(root / "p3" / "images" / "attention.json", {**common, "images": records})
+    write_json(p3 / "images" / "attention.json", {**common, "images": records})
     ranks = []
     for rank, stem, score in [("top1", "111", 0.8765), ("last1", "222", 0.4321)]:
-        png(root / "p3" / "top_last" / f"{rank}_{stem}.png", (1400, 600))
+        png(p3 / "top_last" / f"{rank}_{stem}.png", (1400, 600))
         ranks.append({"name": stem, "file": f"/v/{stem}.jpg", "figure": f"{rank}_{stem}.png", "caption": "A star.",
                       "cls_share": 0.1, "rank": rank, "clip_score": score, "cider": 0.5, "scored_caption": "A star."})
-    write_json(root / "p3" / "top_last" / "attention.json", {**common, "images": ranks})
+    write_json(p3 / "top_last" / "attention.json", {**common, "images": ranks})
     table = [{"layer": layer, "words": 40, "mean_share": share, "mean_baseline": 0.12, "ratio": share / 0.12,
               "colour_share": share, "shape_share": share, "best_head": 0, "best_head_share": share + 0.01}
              for layer, share in [(0, 0.2), (1, 0.3)]]
-    write_json(root / "p3" / "grounding" / "grounding.json", {
+    write_json(p3 / "grounding" / "grounding.json", {
         "table": table, "best_layer": 1, "words_scored": 40, "words_absent": 3, "images": 500, "split": "p2_val",
         "world": str(world), "world_hash": "feedc0ffee123456", "checkpoint_sha256": "ab" * 32,
         "created_at": "2026-11-23T11:30:00"})
-    return {"p1": p1, "p2": root / "p2", "p3": root / "p3", "world": world}
 
 
 def pdf_streams_text(path: Path) -> str:
@@ -140,7 +154,7 @@ def test_report_pages_and_numbers_come_from_the_result_files(tmp_path, capsys):
     pages = 1 + 2 + 2 + 5 + 1 + 1
     assert page_count(out) == pages and f"({pages} pages)" in printed
     streams = pdf_streams_text(out)
-    # 0.890: the tiny CLIP's accuracy, from the toyworld.json of the world the summaries' "toy_world" names
+    # 0.890: the tiny CLIP's accuracy, from the toyworld.json of the world grounding.json names
     for expected in ["0.9345", "0.8765", "0.4321", "12,346", "feedc0ffee123456", "2.50x", "0.890"]:
         assert expected in streams, expected
     if shutil.which("pdftotext"):  # the whole text (poppler-utils is not part of the environment)
@@ -205,7 +219,7 @@ def test_missing_inputs_are_listed_together(tmp_path, capsys):
     assert not (tmp_path / "r.pdf").exists()
 
 
-@pytest.mark.parametrize("run, key", [("toy_lora", "checkpoint_params"), ("toy_prefix", "toy_world")])
+@pytest.mark.parametrize("run, key", [("toy_lora", "checkpoint_params"), ("toy_prefix", "data")])
 def test_malformed_summary_is_named(tmp_path, capsys, run, key):
     folders = fabricate(tmp_path)
     summary_path = folders["p2"] / run / "summary.json"
@@ -220,7 +234,7 @@ def test_malformed_summary_is_named(tmp_path, capsys, run, key):
 
 def test_course_data_summaries_name_no_toy_world(tmp_path, capsys):
     folders = fabricate(tmp_path)
-    set_summaries(folders, toy_world=None, data="course data hw3_data/p2_data")
+    set_summaries(folders, data="course data hw3_data/p2_data")
     shutil.rmtree(folders["p3"] / "grounding")
     out = tmp_path / "r.pdf"
     build(folders, out, capsys)
@@ -236,7 +250,8 @@ def test_course_data_summaries_name_no_toy_world(tmp_path, capsys):
 
 def test_missing_toy_world_is_named(tmp_path, capsys):
     folders = fabricate(tmp_path)
-    set_summaries(folders, toy_world=str(tmp_path / "gone"))
+    grounding_path = next(folders["p3"].rglob("grounding.json"))
+    grounding_path.write_text(json.dumps({**json.loads(grounding_path.read_text()), "world": str(tmp_path / "gone")}))
     message = build_error(folders, tmp_path / "r.pdf", capsys)
     assert f"{tmp_path / 'gone' / 'toyworld.json'} (the toy world the results name)" in message
 

@@ -16,6 +16,7 @@ naming it (so a stray notes.txt or .DS_Store never becomes a prediction key), an
 does not decode is reported by the CLI that reads it.
 """
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -69,7 +70,17 @@ def list_image_files(folder) -> List[Path]:
 
 
 class ImageReadError(UserError):
-    """An image file that cannot be decoded."""
+    """An image file that cannot be decoded; the message names the file, in one line.
+
+    Raised inside a DataLoader worker, it reaches the main process rebuilt by torch from one text: "Caught
+    ImageReadError in DataLoader worker process N.", then the worker's whole traceback, whose last line is
+    `hw3.common.images.ImageReadError: <message>`. The message is taken back from that line, so a CLI still ends in
+    one error line."""
+
+    def __init__(self, message: str):
+        if re.match(r"Caught \w+ in DataLoader worker process \d+\.\n", message):
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
 
 
 class ImageFiles(Dataset):

@@ -36,7 +36,7 @@ from hw3.common.files import (check_writable, write_atomically, write_csv_atomic
 from hw3.common.figures import show_picture  # noqa: E402
 from hw3.common.images import list_image_files, open_image  # noqa: E402
 from hw3.p1.prompts import (ENSEMBLE_SETS, PHOTO_PROMPT, REQUIRED_PROMPTS, TEMPLATE_SETS, class_names,  # noqa: E402
-                            clean_class_name, resolve_templates)
+                            clean_class_name, resolve_templates, shown_template)
 from hw3.p1.zero_shot import (ClassifierConfig, ImageFeatures, encode_classes, encode_images,  # noqa: E402
                               load_id2label, logit_scale, report_skipped)
 
@@ -50,14 +50,14 @@ class Setting:
 
 def report_settings(ensembles: Sequence[str] = ENSEMBLE_SETS) -> List[Setting]:
     """The three required prompts, CLIP's default prompt, then each ensemble with and without synonyms."""
-    singles = [Setting(t.replace("{}", "{object}"), (t,)) for t in REQUIRED_PROMPTS + (PHOTO_PROMPT,)]
+    singles = [Setting(shown_template(t), (t,)) for t in REQUIRED_PROMPTS + (PHOTO_PROMPT,)]
     ensembles = [Setting(name, TEMPLATE_SETS[name], synonyms) for name in ensembles for synonyms in (False, True)]
     return singles + ensembles
 
 
 def main_setting(templates: str, synonyms: bool) -> Setting:
     resolved = resolve_templates(templates)
-    name = templates if templates in TEMPLATE_SETS else resolved[0].replace("{}", "{object}")
+    name = templates if templates in TEMPLATE_SETS else shown_template(resolved[0])
     return Setting(name, resolved, synonyms)
 
 
@@ -197,6 +197,41 @@ def class_analysis(predicted: np.ndarray, targets: np.ndarray, labels: Sequence[
     return per_class, confusions, matrix
 
 
+PER_CLASS_HEADER = ["class_id", "class_name", "images", "correct", "accuracy"]
+CONFUSION_HEADER = ["true_id", "true_name", "predicted_id", "predicted_name", "count", "percent_of_true_class"]
+REPORT_FILES = ("accuracy.csv", "accuracy.md", "predictions.csv", "per_class.csv", "confusions.csv",
+                "confusion_matrix.csv", "top5.png", "top5.json", "analysis.md", "summary.json")
+
+
+def write_accuracy_tables(files: Dict[str, Path], rows: List[list], images: int, image_dir: str,
+                          device: str) -> None:
+    """accuracy.csv and accuracy.md: every prompt setting x model x flip (accuracy_rows)."""
+    write_csv_atomically(files["accuracy.csv"], ACCURACY_HEADER, rows)
+    write_text_atomically(
+        files["accuracy.md"],
+        f"Zero-shot accuracy on {images} images of {image_dir} (device {device}). image_seconds: "
+        "encoding the images (data loading included; with flip, the mirror images too); text_seconds: encoding "
+        "that setting's prompts.\n\n" + markdown_table(ACCURACY_HEADER, rows))
+
+
+def write_class_tables(files: Dict[str, Path], paths: Sequence[Path], targets: Sequence[int], predicted: torch.Tensor,
+                       ok: torch.Tensor, class_ids: Sequence[str], labels: Sequence[str],
+                       top_confusions: int) -> Tuple[List[list], List[list]]:
+    """predictions.csv, per_class.csv, confusions.csv and confusion_matrix.csv of the main setting's predictions
+    (readable images only); returns (per-class rows worst first, most confused pairs)."""
+    readable = ok.nonzero().flatten().tolist()
+    write_csv_atomically(files["predictions.csv"], ["filename", "label", "predicted", "correct"],
+                         [[paths[i].name, class_ids[targets[i]], class_ids[predicted[i]],
+                           yes_no(predicted[i] == targets[i])] for i in readable])
+    per_class, confusions, matrix = class_analysis(predicted[ok].numpy(), torch.tensor(targets)[ok].numpy(), labels,
+                                                   class_ids, top_confusions)
+    write_csv_atomically(files["per_class.csv"], PER_CLASS_HEADER, per_class)
+    write_csv_atomically(files["confusions.csv"], CONFUSION_HEADER, confusions)
+    write_csv_atomically(files["confusion_matrix.csv"], ["true \\ predicted"] + list(class_ids),
+                         [[class_ids[c]] + matrix[c].tolist() for c in range(len(labels))])
+    return per_class, confusions
+
+
 def write_report(image_dir: str, id2label_path: str, config: ClassifierConfig, out_dir: str, samples: int = 3,
                  seed: int = 0, ensembles: Sequence[str] = ENSEMBLE_SETS, top_confusions: int = 20) -> List[str]:
     """Writes the report files (module docstring) for the labelled images in `image_dir` under `out_dir`; the main
@@ -218,31 +253,13 @@ def write_report(image_dir: str, id2label_path: str, config: ClassifierConfig, o
     if not ok.any():
         raise UserError(f"none of the {len(paths)} labelled files in {image_dir} is a readable image")
     targets_tensor = torch.tensor(targets)
-    files = {name: out_dir / name for name in (
-        "accuracy.csv", "accuracy.md", "predictions.csv", "per_class.csv", "confusions.csv", "confusion_matrix.csv",
-        "top5.png", "top5.json", "analysis.md", "summary.json")}
-
-    rows = accuracy_rows(runs, settings, targets_tensor, ok)
-    write_csv_atomically(files["accuracy.csv"], ACCURACY_HEADER, rows)
-    write_text_atomically(
-        files["accuracy.md"],
-        f"Zero-shot accuracy on {int(ok.sum())} images of {image_dir} (device {config.device}). image_seconds: "
-        "encoding the images (data loading included; with flip, the mirror images too); text_seconds: encoding "
-        "that setting's prompts.\n\n" + markdown_table(ACCURACY_HEADER, rows))
-
+    files = {name: out_dir / name for name in REPORT_FILES}
+    write_accuracy_tables(files, accuracy_rows(runs, settings, targets_tensor, ok), int(ok.sum()), image_dir,
+                          config.device)
     logits = ensemble_logits(runs, main, config.flip)
     predicted = logits.argmax(1)
     readable = ok.nonzero().flatten().tolist()
-    write_csv_atomically(files["predictions.csv"], ["filename", "label", "predicted", "correct"],
-                         [[paths[i].name, class_ids[targets[i]], class_ids[predicted[i]],
-                           yes_no(predicted[i] == targets[i])] for i in readable])
-    per_class, confusions, matrix = class_analysis(predicted[ok].numpy(), targets_tensor[ok].numpy(), labels,
-                                                   class_ids, top_confusions)
-    write_csv_atomically(files["per_class.csv"], ["class_id", "class_name", "images", "correct", "accuracy"], per_class)
-    confusion_header = ["true_id", "true_name", "predicted_id", "predicted_name", "count", "percent_of_true_class"]
-    write_csv_atomically(files["confusions.csv"], confusion_header, confusions)
-    write_csv_atomically(files["confusion_matrix.csv"], ["true \\ predicted"] + class_ids,
-                         [[class_ids[c]] + matrix[c].tolist() for c in range(len(labels))])
+    per_class, confusions = write_class_tables(files, paths, targets, predicted, ok, class_ids, labels, top_confusions)
 
     drawn = sorted(random.Random(seed).sample(readable, min(samples, len(readable))))
     top5 = plot_top5(files["top5.png"], [paths[i] for i in drawn], logits[drawn].softmax(-1),
@@ -255,9 +272,8 @@ def write_report(image_dir: str, id2label_path: str, config: ClassifierConfig, o
     write_text_atomically(
         files["analysis.md"],
         f"Main setting: {main_description}: accuracy {accuracy:.2f}% on {len(readable)} images.\n\n"
-        "Worst classes:\n\n" + markdown_table(["class_id", "class_name", "images", "correct", "accuracy"],
-                                              per_class[:10])
-        + "\nMost confused pairs (true -> predicted):\n\n" + markdown_table(confusion_header, confusions[:10]))
+        "Worst classes:\n\n" + markdown_table(PER_CLASS_HEADER, per_class[:10])
+        + "\nMost confused pairs (true -> predicted):\n\n" + markdown_table(CONFUSION_HEADER, confusions[:10]))
     summary = {"main_setting": {"prompt": main.name, "templates": list(main.templates), "synonyms": main.synonyms,
                                 "models": list(config.models), "flip": config.flip, "accuracy": accuracy},
                "images": len(paths), "readable_images": len(readable), "skipped": errors, "device": config.device,

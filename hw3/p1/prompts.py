@@ -10,7 +10,7 @@ notebooks/Prompt_Engineering_for_ImageNet.ipynb for ImageNet); nothing here was 
 import re
 from typing import Dict, List, Sequence, Tuple
 
-# The three prompts the report must compare, and CLIP's default single prompt.
+# The three prompts the report must compare (hw3/report.py reads them here too), and CLIP's default single prompt.
 REQUIRED_PROMPTS = ("This is a photo of {}", "This is not a photo of {}", "No {}, no score.")
 PHOTO_PROMPT = "a photo of a {}."
 
@@ -95,6 +95,11 @@ def normalize_template(template: str) -> str:
     if template.count("{}") != 1 or re.search(r"{[^}]", template):
         raise ValueError(f"a prompt template needs exactly one '{{}}' or '{{object}}' placeholder: {template!r}")
     return template
+
+
+def shown_template(template: str) -> str:
+    """A template as the assignment writes it, `{}` -> `{object}`: how accuracy.csv and the report name a prompt."""
+    return template.replace("{}", "{object}")
 
 
 def resolve_templates(spec: str) -> Tuple[str, ...]:

@@ -2,12 +2,12 @@
 tokens), and batches with the course's input/target shift (tokenizer.make_caption_batch).
 
     split = read_split("p2_data/train.json", "p2_data/images/train")
-    images = ImageFiles(split.paths, image_transform(encoder, augment=True))       # preprocessed images, or
+    images = ImageFiles(split.paths, encoder.preprocess)                          # preprocessed images, or
     images = feature_cache(encoder, split.paths, "feature_cache", device)         # frozen tokens, fp16 memmap
     data = CaptionDataset(images, tokenize_captions(split, BPETokenizer(), 60), per_image=True)
     loader = DataLoader(data, batch_size=32, collate_fn=collate_captions)       # -> CaptionBatch
 
-Because the encoder is frozen, its tokens for an (unaugmented) image never change: `feature_cache` computes them once,
+Because the encoder is frozen, its tokens for an image never change: `feature_cache` computes them once,
 stores them as float16 in a .npy file next to a JSON description, and reads them back memory-mapped, so later runs
 with the same encoder and images skip the encoder entirely.
 """
@@ -17,13 +17,11 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 from tqdm import tqdm
 
 from hw3.common.errors import UserError
@@ -80,17 +78,6 @@ def tokenize_captions(split: CaptionSplit, tokenizer: BPETokenizer, max_len: int
 
 # ---- images -----------------------------------------------------------------------------------------------------
 
-def image_transform(encoder: ImageEncoder, augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """The encoder's own preprocessing of an RGB image (hw3.common.images.open_image); with `augment`, a random
-    crop of 70-100% of the image first (no flips or colour changes: captions name colours, and sometimes left and
-    right)."""
-    if not augment:
-        return encoder.preprocess
-    crop = transforms.RandomResizedCrop(encoder.image_size, scale=(0.7, 1.0),
-                                        interpolation=transforms.InterpolationMode.BICUBIC)
-    return transforms.Compose([crop, encoder.preprocess])
-
-
 class FeatureCache(Dataset):
     """Cached encoder tokens: item i -> float16 tensor [N, D] of image i, read from a memory-mapped .npy file."""
 
@@ -105,22 +92,35 @@ class FeatureCache(Dataset):
         return torch.from_numpy(np.array(self.features[index]))
 
 
-def _encoder_fingerprint(encoder: ImageEncoder) -> str:
-    """The encoder's name, plus its file's size and modification time when it is a local file."""
-    if os.path.isfile(encoder.name):
-        stat = os.stat(encoder.name)
-        return f"{os.path.abspath(encoder.name)}:{stat.st_size}:{stat.st_mtime_ns}"
-    return encoder.name
+def _encoder_fingerprint(name: str) -> str:
+    """An encoder's name, plus its file's size and modification time when it is a local file."""
+    if os.path.isfile(name):
+        stat = os.stat(name)
+        return f"{os.path.abspath(name)}:{stat.st_size}:{stat.st_mtime_ns}"
+    return name
+
+
+def feature_cache_description(encoder_name: str, layer: int, image_size: int, paths: Sequence[str]) -> dict:
+    """What a feature cache file holds, the key of its name: the encoder (_encoder_fingerprint), the layer its
+    tokens come from, its input size and the images' absolute paths, in order."""
+    return {"encoder": _encoder_fingerprint(encoder_name), "layer": layer, "image_size": image_size,
+            "paths": [os.path.abspath(p) for p in paths]}
+
+
+def feature_cache_path(cache_dir: str, encoder_name: str, layer: int, image_size: int, paths: Sequence[str]) -> str:
+    """The .npy file `feature_cache` keeps these images' tokens in: features-<16 hex digits of the sha256 of
+    feature_cache_description>.npy in `cache_dir`, its description beside it as .json. It exists only once whole."""
+    description = feature_cache_description(encoder_name, layer, image_size, paths)
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"features-{digest}.npy")
 
 
 def feature_cache(encoder: ImageEncoder, paths: Sequence[str], cache_dir: str, device="cpu", batch_size: int = 64,
                   num_workers: int = 0) -> FeatureCache:
     """The encoder's tokens of `paths` (unaugmented), from `cache_dir` if computed before, else computed now (fp16)
-    and stored there. The file name hashes the encoder and the image paths; a description sits beside it."""
-    description = {"encoder": _encoder_fingerprint(encoder), "layer": encoder.layer, "image_size": encoder.image_size,
-                   "paths": [os.path.abspath(p) for p in paths]}
-    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"features-{digest}.npy")
+    and stored there, in the file feature_cache_path names."""
+    key = (encoder.name, encoder.layer, encoder.image_size, paths)
+    description, path = feature_cache_description(*key), feature_cache_path(cache_dir, *key)
     os.makedirs(cache_dir, exist_ok=True)
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once with the same images: one computes, the other waits
@@ -139,7 +139,7 @@ def feature_cache(encoder: ImageEncoder, paths: Sequence[str], cache_dir: str, d
             start += len(tokens)
         features.flush()
         del features
-        write_json_atomically(os.path.join(cache_dir, f"features-{digest}.json"),
+        write_json_atomically(os.path.splitext(path)[0] + ".json",
                               dict(description, shape=list(shape), dtype="float16"))
         os.replace(partial, path)  # atomic: a half-written cache is never picked up
     return FeatureCache(path)
@@ -152,6 +152,9 @@ class CaptionBatch(NamedTuple):
     input_ids: torch.Tensor   # [B, K]: 50256, t1..tN, 50256, pad 50256 ...
     targets: torch.Tensor     # [B, K]: t1..tN, 50256, -100 ...
     image_index: torch.Tensor  # [B] index of each image in its split
+
+    def to(self, device: torch.device) -> "CaptionBatch":
+        return CaptionBatch(*(t.to(device, non_blocking=True) for t in self))
 
 
 class CaptionDataset(Dataset):

@@ -1,13 +1,13 @@
 """The files of a p2_train.py run folder (make_report.py and the tests read them):
 
     best.safetensors      trainable tensors of the best validation (by CIDEr), prefixes collapsed: for inference
-    last.safetensors      trainable tensors of the latest state (prefix MLP kept), with resume.pt: for --resume
-    resume.pt             optimizer, scheduler, GradScaler, progress and config (a pickle: training only)
+    last.safetensors      trainable tensors of the latest state (prefix MLP kept)
+    resume.pt             the same tensors with the optimizer, scheduler, GradScaler, progress and config, in one
+                          file, so what --resume reads is always one consistent state (a pickle: training only)
     log.jsonl             one JSON object per logged training step ("type": "train") and validation ("val")
     curves.png            training loss per step, val CIDEr / CLIPScore per validation (SCST: and the reward)
     val_predictions.json  {image key: caption} of the best validation
-    summary.json          the run in one object (read by the report builder; "toy_world" names the toy world's
-                          folder, or is null for the course data)
+    summary.json          the run in one object (read by the report builder)
     config.yaml           the resolved config of the run
 Only rank 0 writes (`active`). Every file appears whole or not at all (written beside, then renamed).
 """
@@ -25,12 +25,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from hw3.common.dotted import flatten  # noqa: E402
 from hw3.common.errors import UserError  # noqa: E402
 from hw3.common.files import (load_torch_file, read_json, write_atomically, write_json_atomically,  # noqa: E402
                               write_text_atomically)
 from hw3.p2.checkpoint import count_checkpoint_params, save_trainable  # noqa: E402
 from hw3.p2.config import DataPaths, TrainConfig  # noqa: E402
-from hw3.p2.model import CaptionModel, count_trainable  # noqa: E402
+from hw3.p2.model import CaptionModel, count_trainable, trainable_state_dict  # noqa: E402
 
 
 def saved_config(out: str) -> dict:
@@ -42,10 +43,11 @@ def saved_config(out: str) -> dict:
 
 
 def load_resume_state(path) -> dict:
-    """resume.pt: {optimizer, scheduler, scaler, progress, config}; another file raises UserError naming it."""
+    """resume.pt: {model, optimizer, scheduler, scaler, progress, config}; another file raises UserError naming it."""
     state = load_torch_file(path, "a p2_train.py resume.pt")
-    if not isinstance(state, dict) or not {"optimizer", "scheduler", "scaler", "progress", "config"} <= set(state):
-        raise UserError(f"{path} is not a p2_train.py resume.pt (no optimizer/progress/config state)")
+    keys = {"model", "optimizer", "scheduler", "scaler", "progress", "config"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise UserError(f"{path} is not a p2_train.py resume.pt (no model/optimizer/progress/config state)")
     return state
 
 
@@ -58,15 +60,7 @@ DERIVED_FIELDS = ("out", "model.encoder", "model.decoder.n_layer", "model.decode
 def requested(config: dict) -> dict:
     """The config dict without DERIVED_FIELDS (and, outside the self-critical stage, without its unused `scst:`
     section), flattened to dotted keys."""
-    flat = {}
-
-    def walk(values: dict, prefix: str) -> None:
-        for key, value in values.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-    walk(config, "")
+    flat = flatten(config)
     unused = () if flat.get("stage") == "scst" else ("scst.",)
     return {key: value for key, value in flat.items() if key not in DERIVED_FIELDS and not key.startswith(unused)}
 
@@ -110,8 +104,8 @@ class RunFiles:
         self.records = []
 
     def load_resume(self) -> dict:
-        if not (self.resume.is_file() and self.last.is_file()):
-            raise UserError(f"nothing to resume in {self.out}: need last.safetensors and resume.pt")
+        if not self.resume.is_file():
+            raise UserError(f"nothing to resume in {self.out}: no resume.pt")
         return load_resume_state(self.resume)
 
     def restore_log(self, step: int) -> None:
@@ -145,6 +139,7 @@ class RunFiles:
         if not self.active:
             return
         save_trainable(model, str(self.last), collapse_prefix=False)
+        state = dict(state, model={name: t.cpu() for name, t in trainable_state_dict(model, False).items()})
         write_atomically(self.resume, lambda path: torch.save(state, path))
 
     def write_summary(self, config, config_file: Optional[str], paths: DataPaths, model: CaptionModel, progress,
@@ -156,7 +151,7 @@ class RunFiles:
             "trainable_params": count_trainable(model),
             "checkpoint_params": count_checkpoint_params(str(self.best)) if self.best.is_file() else None,
             "best_epoch": progress.best_epoch, "best": progress.best, "epochs": progress.history,
-            "decode": dataclasses.asdict(config.decode), "data": paths.description, "toy_world": paths.toy_world,
+            "decode": dataclasses.asdict(config.decode), "data": paths.description,
             "finished_at": datetime.datetime.now().isoformat(timespec="seconds") if finished else None,
         }
         if self.active:

@@ -1,15 +1,14 @@
 """The two jobs of p3_attention.py, printing what they do as the command line shows it.
 
     draw_figures("hw3_data/p3_data/images", Captioner(decoder="decoder_model.bin"))   # PNGs + attention.json
-    measure_grounding("toy_world", Captioner(), split="p3")                           # grounding.csv / .json
+    measure_grounding(Boxes(boxes_json, "p3", images, source), Captioner(...))       # grounding.csv / .json
 
 Figures: one PNG per image (the course's layout, hw3.p3.attention) and attention.json (captions, words, settings),
 for every image of a folder or for the top-1 and last-1 images by CLIPScore of p2_evaluate.py's per-image CSV.
-Grounding: hw3.p3.grounding's per-layer table over one split of a toy world, and its best layer, which the figures'
-`layer="auto"` then uses.
+Grounding: hw3.p3.grounding's per-layer table over one split of images with known object boxes (the caller reads
+them, e.g. p3_attention.py from a toy world), and its best layer, which the figures' `layer="auto"` then uses.
 """
 import csv
-import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,13 +21,13 @@ from hw3.common.errors import UserError
 from hw3.common.files import (check_writable, read_json, sha256_file, write_atomically, write_csv_atomically,
                               write_json_atomically)
 from hw3.common.images import list_image_files, open_image
+from hw3.common.layout import CourseLayout
 from hw3.common.manifest import checkpoint_path
 from hw3.p2.checkpoint import load_captioner
 from hw3.p2.generation import DecodeConfig, clean_caption
 from hw3.p2.model import CaptionModel
 from hw3.p3 import grounding
 from hw3.p3.attention import caption_images, caption_words, cross_attention_layers, plot_caption_attention
-from hw3.toy.world import ToyWorld
 from tokenizer import BPETokenizer
 
 CSV_COLUMNS = ("file_name", "caption", "cider", "clip_score")  # p2_evaluate.py --per-image-csv
@@ -41,8 +40,8 @@ Selection = List[Tuple[Path, dict]]  # image path, extra fields of its attention
 class Captioner:
     """The trained captioner to load and how to decode with it."""
     checkpoint: Optional[str] = None  # None: checkpoints.json's p2_best, where hw3_download.sh puts it
-    decoder: Optional[str] = None  # the course's decoder_model.bin (grounding: None = the world's)
-    encoder: Optional[str] = None  # None: the checkpoint's image encoder (grounding: the world's clip.pt)
+    decoder: Optional[str] = None  # the course's decoder_model.bin
+    encoder: Optional[str] = None  # None: the checkpoint's image encoder
     device: Optional[str] = None  # None: cuda when available
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     batch_size: int = 16  # images per batch
@@ -163,48 +162,50 @@ def draw_figures(images, captioner: Captioner, out_dir="results/p3", top_last: O
     return info
 
 
-def split_folder(world: ToyWorld, split: str) -> Path:
-    """The image folder of a boxes.json split (one of GROUNDING_SPLITS)."""
-    return {"p2_val": world.p2_data / "images" / "val", "p2_train": world.p2_data / "images" / "train",
-            "p3": world.p3_images}[split]
+def split_folder(data: CourseLayout, split: str) -> Path:
+    """The image folder of a boxes.json split (one of GROUNDING_SPLITS) in a course-layout data folder."""
+    return {"p2_val": data.p2_images("val"), "p2_train": data.p2_images("train"), "p3": data.p3_images}[split]
 
 
-def measure_grounding(world_dir, captioner: Captioner, split: str = "p2_val", limit: Optional[int] = None,
+@dataclass
+class Boxes:
+    """The object boxes of one split of images to score captions against (a toy world's boxes.json)."""
+    boxes: dict  # boxes.json: {"colours": [...], "shapes": [...], "splits": {split: {file name: {"objects": ...}}}}
+    split: str  # which of boxes["splits"]
+    images: Path  # the folder of that split's images
+    source: dict  # who made the boxes, copied into grounding.json (a toy world's folder, generator and hash)
+
+
+def measure_grounding(boxes: Boxes, captioner: Captioner, limit: Optional[int] = None,
                       out_dir="results/p3/grounding") -> dict:
-    """Scores the captions of the first `limit` images (by name; None: all) of a toy world split with
+    """Scores the captions of the first `limit` images (by name; None: all) of the split of `boxes` with
     hw3.p3.grounding, per decoder layer, and writes grounding.csv (the table) and grounding.json (summary, settings)
-    into `out_dir`. The decoder and encoder default to the world's. Returns grounding.json's content."""
+    into `out_dir`. Returns grounding.json's content."""
     check_writable(out_dir, "folder")
-    world = ToyWorld(world_dir).check()
-    boxes = read_json(world.boxes, "toy world boxes.json")
-    scenes = boxes["splits"][split]
+    scenes = boxes.boxes["splits"][boxes.split]
     names = sorted(scenes)[:limit]
-    captioner = dataclasses.replace(captioner, decoder=captioner.decoder or str(world.decoder),
-                                    encoder=captioner.encoder or str(world.clip))
     model = captioner.load()
     checkpoint = captioner.checkpoint_file()
-    tokenizer, folder, batch_size = BPETokenizer(), split_folder(world, split), captioner.batch_size
+    tokenizer, batch_size = BPETokenizer(), captioner.batch_size
     start = time.time()
     records = []
-    for begin in tqdm(range(0, len(names), batch_size), desc=f"grounding on {split}"):
+    for begin in tqdm(range(0, len(names), batch_size), desc=f"grounding on {boxes.split}"):
         batch = names[begin:begin + batch_size]
-        pictures = [open_image(folder / name) for name in batch]
+        pictures = [open_image(boxes.images / name) for name in batch]
         for name, result in zip(batch, caption_images(model, pictures, captioner.decode, batch, batch_size)):
-            records += grounding.ground_caption(result, scenes[name]["objects"], tokenizer, boxes["colours"],
-                                                boxes["shapes"])
+            records += grounding.ground_caption(result, scenes[name]["objects"], tokenizer, boxes.boxes["colours"],
+                                                boxes.boxes["shapes"])
     rows = grounding.grounding_table(records)
-    manifest = world.manifest()
     info = {**grounding.summarise(records, rows), "checkpoint": checkpoint,
-            "checkpoint_sha256": sha256_file(checkpoint), "world": str(world.root),
-            "world_generator": manifest.get("generator_version"), "world_hash": manifest.get("hash"),
-            "split": split, "images": len(names), "decode": asdict(captioner.decode),
-            "seconds": round(time.time() - start, 1), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "checkpoint_sha256": sha256_file(checkpoint), **boxes.source, "split": boxes.split, "images": len(names),
+            "decode": asdict(captioner.decode), "seconds": round(time.time() - start, 1),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv_atomically(out_dir / "grounding.csv", grounding.TABLE_COLUMNS,
                          [[row[column] for column in grounding.TABLE_COLUMNS] for row in rows])
     write_json_atomically(out_dir / "grounding.json", info, indent=2)
-    print(f"{info['words_scored']} colour/shape words scored on {len(names)} {split} images "
+    print(f"{info['words_scored']} colour/shape words scored on {len(names)} {boxes.split} images "
           f"({info['words_absent']} named something absent)")
     print(f"{'layer':>5} {'share':>7} {'baseline':>8} {'ratio':>6} {'colour':>7} {'shape':>7}  best head")
     for row in rows:

@@ -1,4 +1,4 @@
-"""Grounding score of the cross-attention on the toy world (hw3.toy.world), whose boxes.json gives each object's box.
+"""Grounding score of the cross-attention on images whose objects' boxes are known (a toy world's boxes.json).
 
 For each generated word that names a colour or a shape of an object in the image, the share of the word's attention
 mass (patch attention, mapped onto the image region the encoder saw, see hw3.p3.attention.pixel_weights) that falls

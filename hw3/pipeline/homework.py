@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 from hw3.common.files import REPO_ROOT, read_json, sha256_file, write_atomically, write_json_atomically
 from hw3.common.manifest import DEFAULT_CHECKPOINT, load_manifest
 from hw3.pipeline.inputs import ResultPaths, RunInputs
-from hw3.pipeline.numbers import collect_numbers, compare_files
+from hw3.pipeline.numbers import collect_numbers, compare_files, input_identity
 from hw3.pipeline.preflight import passed, run_preflight
 from hw3.pipeline.steps import Step, StepRunner
 from hw3.toy.world import ToyWorld
@@ -59,12 +59,12 @@ def training_step(title: str, command: List[str], out: Path) -> Step:
 
 
 def p1_steps(inputs: RunInputs, results: ResultPaths) -> List[Step]:
-    model = option("--model", inputs.clip_model)
+    model, data = option("--model", inputs.clip_model), inputs.layout
     return [Step("P1: zero-shot classification of the val images through hw3_1.sh",
-                 ["bash", "hw3_1.sh", str(inputs.p1_val), str(inputs.id2label), str(results.p1_csv), *model],
+                 ["bash", "hw3_1.sh", str(data.p1_val), str(data.id2label), str(results.p1_csv), *model],
                  [results.p1_csv]),
             Step("P1: the report's analyses (prompt table, top-5 probabilities, confusions)",
-                 ["python3", "p1_clip.py", "report", str(inputs.p1_val), str(inputs.id2label), "--out-dir",
+                 ["python3", "p1_clip.py", "report", str(data.p1_val), str(data.id2label), "--out-dir",
                   str(results.p1), *model],
                  [results.p1 / name for name in ("summary.json", "accuracy.csv", "top5.png", "top5.json")])]
 
@@ -118,13 +118,14 @@ def choose_best(runner: StepRunner, runs: List[TrainedRun]) -> TrainedRun:
 
 
 def submission_steps(runner: StepRunner, inputs: RunInputs, results: ResultPaths, best: TrainedRun) -> None:
+    val_images = inputs.layout.p2_images("val")
     runner.run(Step("P2: caption the val images through hw3_2.sh with the best run",
-                    ["bash", "hw3_2.sh", str(inputs.p2_val), str(results.val_predictions), str(inputs.decoder),
+                    ["bash", "hw3_2.sh", str(val_images), str(results.val_predictions), str(inputs.decoder),
                      "--checkpoint", str(best.checkpoint), *option("--encoder", inputs.encoder)],
                     [results.val_predictions], reads=[best.checkpoint]))
     runner.run(Step("P2: score the captions with p2_evaluate.py (the course's CIDEr-D and CLIPScore)",
                     ["python3", "p2_evaluate.py", "--pred_file", str(results.val_predictions), "--images_root",
-                     str(inputs.p2_val), "--annotation_file", str(inputs.p2_data / "val.json"), "--clip-model",
+                     str(val_images), "--annotation_file", str(inputs.layout.p2_annotations("val")), "--clip-model",
                      inputs.clipscore_model, "--per-image-csv", str(results.val_scores_csv), "--json-out",
                      str(results.val_scores)],
                     [results.val_scores_csv, results.val_scores], reads=[results.val_predictions]))
@@ -144,12 +145,14 @@ def p3_steps(runner: StepRunner, inputs: RunInputs, results: ResultPaths, best: 
                          str(results.grounding)], [grounding, results.grounding / "grounding.csv"], reads=reads))
         model += ["--grounding", str(grounding)]
         reads = reads + [grounding]
+    data = inputs.layout
     runner.run(Step("P3: attention maps of the p3 images",
-                    ["python3", "p3_attention.py", str(inputs.p3_images), *model, "--out-dir",
+                    ["python3", "p3_attention.py", str(data.p3_images), *model, "--out-dir",
                      str(results.p3_figures)], [results.p3_figures / "attention.json"], reads=reads))
     runner.run(Step("P3: attention maps of the top-1 and last-1 val images by CLIPScore",
-                    ["python3", "p3_attention.py", str(inputs.p2_val), "--top-last", str(results.val_scores_csv),
-                     *model, "--out-dir", str(results.top_last)], [results.top_last / "attention.json"],
+                    ["python3", "p3_attention.py", str(data.p2_images("val")), "--top-last",
+                     str(results.val_scores_csv), *model, "--out-dir", str(results.top_last)],
+                    [results.top_last / "attention.json"],
                     reads=reads + [results.val_scores_csv]))
 
 
@@ -168,13 +171,18 @@ def publish_file(source: Path, destination: Path) -> None:
 
 
 def comparison_step(runner: StepRunner, results: ResultPaths, publish: bool) -> None:
-    """This run's numbers against the committed ones (then, with `publish`, they replace them)."""
+    """This run's numbers against the committed ones when this run read the same inputs (toy world hash, models'
+    sha256); then, with `publish`, they replace them."""
     runner.announce(f"This run's numbers against the committed {PUBLISHED_NUMBERS.name} (the default `bash demo.sh`"
                     " on this machine kind; README.md quotes it)")
-    if PUBLISHED_NUMBERS.is_file():
-        compare_files(PUBLISHED_NUMBERS, results.numbers)
-    else:
+    if not PUBLISHED_NUMBERS.is_file():
         print(f"   {PUBLISHED_NUMBERS} does not exist yet")
+    elif input_identity(read_json(PUBLISHED_NUMBERS, "numbers.json")) != input_identity(
+            read_json(results.numbers, "numbers.json")):
+        print(f"   these inputs have no reference numbers: {PUBLISHED_NUMBERS.name} comes from another toy world or "
+              "other models (its toy world hash or model sha256 differ), so nothing is compared")
+    else:
+        compare_files(PUBLISHED_NUMBERS, results.numbers)
     if publish:
         publish_file(results.numbers, PUBLISHED_NUMBERS)
 

@@ -18,13 +18,14 @@ import clip
 
 from hw3.common.errors import UserError
 from hw3.common.files import REPO_ROOT
+from hw3.common.layout import CourseLayout
 from hw3.p1.zero_shot import DEFAULT_MODELS
 from hw3.p2.config import TrainConfig
+from hw3.p2.peft import PEFT_KINDS
 from hw3.toy.world import ToyWorld
 
-METHODS = ("adapter", "prefix", "lora")
-CONFIG_SETS = {"toy": tuple(f"configs/toy_{method}.yaml" for method in METHODS),
-               "real": tuple(f"configs/{method}.yaml" for method in METHODS)}
+CONFIG_SETS = {"toy": tuple(f"configs/toy_{method}.yaml" for method in PEFT_KINDS),
+               "real": tuple(f"configs/{method}.yaml" for method in PEFT_KINDS)}
 SCST_CONFIGS = {"toy": "configs/toy_scst.yaml", "real": "configs/scst.yaml"}
 TOY_WORLD_NAME = "toyworld-seed0"  # the cache root's full toy world, shared with the tests
 
@@ -55,24 +56,8 @@ class RunInputs:
     scst_config: Optional[str] = None  # the self-critical stage's config; None: no SCST stage
 
     @property
-    def p1_val(self) -> Path:
-        return self.data / "p1_data" / "val"
-
-    @property
-    def id2label(self) -> Path:
-        return self.data / "p1_data" / "id2label.json"
-
-    @property
-    def p2_data(self) -> Path:
-        return self.data / "p2_data"
-
-    @property
-    def p2_val(self) -> Path:
-        return self.p2_data / "images" / "val"
-
-    @property
-    def p3_images(self) -> Path:
-        return self.data / "p3_data" / "images"
+    def layout(self) -> CourseLayout:  # the files of `data`
+        return CourseLayout(self.data)
 
     @property
     def p1_models(self) -> Tuple[str, ...]:
@@ -90,7 +75,7 @@ class RunInputs:
     def train_overrides(self) -> List[str]:
         """p2_train.py `--set` values naming the data and models of a cross-entropy run (an SCST run takes them from
         the run it starts from)."""
-        overrides = [f"data_dir={self.p2_data}", f"decoder_weights={self.decoder}"]
+        overrides = [f"data_dir={self.layout.p2_data}", f"decoder_weights={self.decoder}"]
         if self.encoder:
             overrides.append(f"model.encoder={self.encoder}")
         if self.clip_model:
@@ -199,7 +184,7 @@ def inputs_from_args(args: argparse.Namespace, data: Optional[Path], world: Opti
         data, decoder, encoder, clip_model = world.data, world.decoder, str(world.clip), str(world.clip)
     else:
         data = Path(os.path.abspath(os.path.expanduser(data)))
-        decoder, encoder, clip_model = data / "p2_data" / "decoder_model.bin", None, None
+        decoder, encoder, clip_model = CourseLayout(data).decoder, None, None
     scst = None if args.no_scst else config_path(args.scst_config or SCST_CONFIGS[
         "toy" if choice == ["toy"] else "real"])
     inputs = RunInputs(data=Path(os.path.abspath(data)), configs=configs_of(choice),

@@ -9,12 +9,14 @@
 
 Every value is read from the result files; paths are left out (a checkpoint's digest covers its tensors, not its
 metadata, which names the data's folder), so two runs of the same work on the same data give identical files
-wherever they ran. `compare_numbers` lists what differs ([] = identical).
+wherever they ran. `compare_numbers` lists what differs ([] = identical); it means something only between runs of
+the same inputs (`input_identity`).
 """
 import csv
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from hw3.common.dotted import flatten
 from hw3.common.files import read_json, sha256_file
 from hw3.p2.checkpoint import tensors_sha256
 from hw3.pipeline.inputs import ResultPaths, RunInputs
@@ -62,6 +64,12 @@ def input_numbers(inputs: RunInputs) -> dict:
     return numbers
 
 
+def input_identity(numbers: dict) -> dict:
+    """What the run of a numbers.json read: its "inputs" (the pretrained files' sha256, a model name as given) and
+    its toy world's hash (None: no toy world). Two runs' numbers are comparable only when these are equal."""
+    return {**numbers.get("inputs", {}), "toy_world_hash": (numbers.get("toy_world") or {}).get("hash")}
+
+
 def collect_numbers(inputs: RunInputs, results: ResultPaths, runs: Sequence[Path], submitted: Path) -> dict:
     """The numbers of a finished run (`runs`: its P2 run folders; `submitted`: the one hw3_2.sh used)."""
     scores = read_json(results.val_scores, "p2_evaluate.py summary")
@@ -80,16 +88,6 @@ def collect_numbers(inputs: RunInputs, results: ResultPaths, runs: Sequence[Path
                                        "ratio_by_layer": {str(row["layer"]): row["ratio"]
                                                           for row in grounding["table"]}}}
     return numbers
-
-
-def flatten(data, prefix: str = "") -> Dict[str, object]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    if not isinstance(data, dict):
-        return {prefix: data}
-    flat: Dict[str, object] = {}
-    for key, value in data.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def compare_numbers(first: dict, second: dict) -> List[str]:
