@@ -29,7 +29,7 @@ from hw3.common.errors import UserError
 from hw3.common.files import REPO_ROOT, read_json
 from hw3.common.images import list_image_files
 from hw3.p2.config import TrainConfig, load_config
-from hw3.p2.data import CaptionSplit, read_split
+from hw3.p2.data import CaptionSplit, feature_cache_path, read_split
 from hw3.p2.encoder import CLIP_VITS, load_image_encoder
 from hw3.p2.model import load_decoder_with_report
 from hw3.pipeline.inputs import RunInputs
@@ -90,7 +90,7 @@ def check_environment(course_data: bool) -> List[Finding]:
         else:
             matching.append(f"{distribution} {installed}")
     findings.append(Finding(OK, "packages", ", ".join(matching)))
-    return findings + [check_java(), check_gpu(course_data)]
+    return findings + [check_java(), check_gpu(course_data)] + check_gpu_build()
 
 
 def check_java() -> Finding:
@@ -114,6 +114,80 @@ def check_gpu(course_data: bool) -> Finding:
     return Finding(OK, "gpu", "; ".join(f"{d.name}, {d.total_memory / 2**30:.1f} GiB" for d in devices))
 
 
+TORCH_WHEELS = "https://download.pytorch.org/whl"  # PyTorch's own index: the CUDA 11.x builds of torch 1.12.1
+
+
+def parse_arch(entry: str) -> Optional[Tuple[str, Tuple[int, int]]]:
+    """An entry of torch.cuda.get_arch_list(): 'sm_86' -> ('sm', (8, 6)) (kernels compiled for that GPU kind),
+    'compute_86' -> ('compute', (8, 6)) (PTX, compiled by the driver for that kind or any newer one), 'sm_90a' ->
+    ('sm', (9, 0)); None for anything else."""
+    kind, _, number = entry.partition("_")
+    digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+    if kind not in ("sm", "compute") or len(digits) < 2 or not digits.isdigit():
+        return None
+    return kind, (int(digits[:-1]), int(digits[-1]))
+
+
+def torch_build_advice(capability: Tuple[int, int], pip: str = "pip") -> str:
+    """Which torch 1.12.1 build runs on a GPU of this compute capability, and the command that installs it. The
+    PyPI wheel is CUDA 10.2 (sm_37, sm_50, sm_60, sm_70); PyTorch's CUDA 11.3 and 11.6 builds add sm_75, sm_80, sm_86;
+    no 1.12.1 build has sm_9x or newer kernels."""
+    sm = "sm_%d%d" % capability
+    if capability < (3, 7):
+        return f"no torch 1.12.1 build runs on {sm} (its oldest kernels are sm_37): use a newer GPU"
+    if capability >= (9, 0):
+        return (f"no torch 1.12.1 build has {sm} kernels (its newest are sm_86): train with a newer torch built for "
+                "this GPU (a CUDA 11.8 or 12.x build of torch 2.x; not tested with this code) or on another GPU; the "
+                "graded scripts run on the grader's 2080 Ti with torch 1.12.1 either way")
+    return (f"install torch 1.12.1's CUDA 11.3 build (kernels sm_37 to sm_86): {pip} install torch==1.12.1+cu113 "
+            f"torchvision==0.13.1+cu113 --extra-index-url {TORCH_WHEELS}/cu113 (or its CUDA 11.6 build: +cu116 and "
+            f"{TORCH_WHEELS}/cu116)")
+
+
+def gpu_build_finding(capability: Tuple[int, int], arch_list: Sequence[str], device: str = "the GPU",
+                      build: str = "torch", pip: str = "pip") -> Finding:
+    """Whether a torch built for `arch_list` (torch.cuda.get_arch_list()) runs on a GPU of compute capability
+    `capability` (torch.cuda.get_device_capability()). Kernels for sm_XY run on GPUs of the same major version X
+    and a minor version >= Y (a 2080 Ti, sm_75, runs sm_70 kernels; an RTX 4090, sm_89, runs sm_86 ones); PTX for
+    compute_XY is compiled by the driver at start-up for any GPU from XY on (a WARN: slow first start, untested)."""
+    sm = "sm_%d%d" % capability
+    what = f"{device} ({sm})"
+    if not arch_list:
+        return Finding(WARN, "gpu build", f"{what}: {build} does not list the GPU kinds it was built for; not checked")
+    parsed = [arch for arch in map(parse_arch, arch_list) if arch is not None]
+    kernels = sorted(arch for kind, arch in parsed if kind == "sm" and arch[0] == capability[0]
+                     and arch[1] <= capability[1])
+    if kernels:
+        best = "sm_%d%d" % kernels[-1]
+        via = "" if best == sm else f" (its {best} kernels run on {sm})"
+        return Finding(OK, "gpu build", f"{what}: {build} has kernels for it{via}")
+    ptx = sorted(arch for kind, arch in parsed if kind == "compute" and arch <= capability)
+    if ptx:
+        return Finding(WARN, "gpu build", f"{what}: {build} has no kernels for it, only PTX (compute_%d%d) that the "
+                                          "driver compiles at start-up: slow, and untested here" % ptx[-1],
+                       torch_build_advice(capability, pip))
+    return Finding(FAIL, "gpu build", f"{what}: {build} has no kernels for it (it has {' '.join(arch_list)}); every "
+                                      "CUDA call would fail with 'no kernel image is available'",
+                   torch_build_advice(capability, pip))
+
+
+def check_gpu_build() -> List[Finding]:
+    """gpu_build_finding for each kind of CUDA GPU the installed torch sees; nothing without one."""
+    if not torch.cuda.is_available() or getattr(torch.version, "hip", None):
+        return []
+    python = sys.executable
+    if python.startswith(str(REPO_ROOT) + os.sep):  # the .venv: not resolved (its python is a symlink)
+        python = os.path.relpath(python, REPO_ROOT)
+    build = f"torch {torch.__version__} (CUDA {torch.version.cuda})"
+    findings: Dict[Tuple[str, Tuple[int, int]], Finding] = {}
+    for index in range(torch.cuda.device_count()):
+        name, capability = torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
+        if (name, capability) not in findings:
+            findings[name, capability] = gpu_build_finding(capability, torch.cuda.get_arch_list(), name, build,
+                                                           f"{python} -m pip")
+    return list(findings.values())
+
+
 # ---- data -----------------------------------------------------------------------------------------------------------
 
 def expected_counts(inputs: RunInputs) -> Tuple[Dict[str, int], str]:
@@ -133,17 +207,18 @@ def count_finding(name: str, folder: Path, count: int, counts: Dict[str, int], w
 
 
 def check_p1(inputs: RunInputs, counts: Dict[str, int], whose: str) -> List[Finding]:
-    if not inputs.p1_val.is_dir():
-        return [Finding(FAIL, "data", f"no P1 val folder {inputs.p1_val}",
+    data = inputs.layout
+    if not data.p1_val.is_dir():
+        return [Finding(FAIL, "data", f"no P1 val folder {data.p1_val}",
                         f"put the course's hw3_data (p1_data, p2_data, p3_data) in {inputs.data}")]
-    images = list_image_files(inputs.p1_val)
-    findings = [count_finding("p1 val", inputs.p1_val, len(images), counts, whose)]
+    images = list_image_files(data.p1_val)
+    findings = [count_finding("p1 val", data.p1_val, len(images), counts, whose)]
     try:
-        id2label = read_json(inputs.id2label, "P1 id2label.json")
+        id2label = read_json(data.id2label, "P1 id2label.json")
     except UserError as error:
         return findings + [Finding(FAIL, "data", str(error), "copy p1_data/id2label.json from the course data")]
     if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
-        return findings + [Finding(FAIL, "data", f"{inputs.id2label} is not a mapping class id -> class name",
+        return findings + [Finding(FAIL, "data", f"{data.id2label} is not a mapping class id -> class name",
                                    "copy p1_data/id2label.json from the course data")]
     unlabelled = [path.name for path in images if path.name.split("_", 1)[0] not in id2label]
     if unlabelled:
@@ -160,7 +235,7 @@ def check_p2(inputs: RunInputs, counts: Dict[str, int], whose: str) -> Tuple[Lis
     """Findings, and the splits that parse (for the feature cache's size)."""
     findings, splits = [], []
     for split in ("train", "val"):
-        annotations, folder = inputs.p2_data / f"{split}.json", inputs.p2_data / "images" / split
+        annotations, folder = inputs.layout.p2_annotations(split), inputs.layout.p2_images(split)
         try:
             parsed = read_split(str(annotations), str(folder))
         except UserError as error:
@@ -179,10 +254,10 @@ def check_p2(inputs: RunInputs, counts: Dict[str, int], whose: str) -> Tuple[Lis
 
 
 def check_p3(inputs: RunInputs, counts: Dict[str, int], whose: str) -> Finding:
-    if not inputs.p3_images.is_dir():
-        return Finding(FAIL, "data", f"no P3 image folder {inputs.p3_images}",
-                       "copy p3_data/images from the course data")
-    return count_finding("p3", inputs.p3_images, len(list_image_files(inputs.p3_images)), counts, whose)
+    folder = inputs.layout.p3_images
+    if not folder.is_dir():
+        return Finding(FAIL, "data", f"no P3 image folder {folder}", "copy p3_data/images from the course data")
+    return count_finding("p3", folder, len(list_image_files(folder)), counts, whose)
 
 
 # ---- configs and models ---------------------------------------------------------------------------------------------
@@ -292,27 +367,13 @@ def check_decoder(inputs: RunInputs, course_data: bool) -> Finding:
 
 # ---- the feature cache ------------------------------------------------------------------------------------------
 
-def token_shape(encoder: str, layer: int) -> Tuple[int, int]:
-    """(tokens per image, width) of an encoder's output."""
+def encoder_shape(encoder: str, layer: int) -> Tuple[int, int, int]:
+    """(tokens per image, width, input image size) of an encoder's output."""
     if encoder in CLIP_VITS:
         image_size, patch_size, width, _ = CLIP_VITS[encoder]
-        return (image_size // patch_size) ** 2 + 1, width
+        return (image_size // patch_size) ** 2 + 1, width, image_size
     built = load_image_encoder(encoder, pretrained=False, layer=layer)  # a file loads; timm builds random weights
-    return built.n_tokens, built.width
-
-
-def cached(cache_dir: Path, encoder: str, layer: int, paths: List[str]) -> bool:
-    """Whether hw3.p2.data.feature_cache already holds these images' tokens (its descriptions name the encoder,
-    its file and the image paths)."""
-    absolute = [os.path.abspath(path) for path in paths]
-    for description in cache_dir.glob("features-*.json"):
-        found = read_json(description, "feature cache description")
-        same_encoder = found.get("encoder") == encoder or str(found.get("encoder")).startswith(
-            os.path.abspath(encoder) + ":")
-        if same_encoder and found.get("layer") == layer and found.get("paths") == absolute \
-                and description.with_suffix(".npy").is_file():
-            return True
-    return False
+    return built.n_tokens, built.width, built.image_size
 
 
 def check_feature_cache(configs: Sequence[TrainConfig], splits: Optional[List[CaptionSplit]],
@@ -326,7 +387,7 @@ def check_feature_cache(configs: Sequence[TrainConfig], splits: Optional[List[Ca
     for encoder, layer, cache_dir in sorted({(c.model.encoder, c.model.encoder_layer, c.cache_dir) for c in configs
                                              if c.cache_features}):
         try:
-            tokens, width = token_shape(encoder, layer)
+            tokens, width, image_size = encoder_shape(encoder, layer)
         except UserError as error:
             findings.append(Finding(FAIL, "feature cache", str(error), "give an encoder that loads"))
             continue
@@ -334,7 +395,8 @@ def check_feature_cache(configs: Sequence[TrainConfig], splits: Optional[List[Ca
         if splits is None:
             images, which = expected_images, "images (the course's P2 count; the data did not read)"
         else:
-            images = sum(len(split.paths) for split in splits if not cached(folder, encoder, layer, split.paths))
+            images = sum(len(split.paths) for split in splits if not os.path.isfile(
+                feature_cache_path(str(folder), encoder, layer, image_size, split.paths)))
             which = "images not cached yet"
         size = images * tokens * width * 2  # fp16
         needs[folder] = needs.get(folder, 0) + size
