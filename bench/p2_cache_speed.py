@@ -3,7 +3,7 @@
     python3 bench/p2_cache_speed.py [--config configs/adapter.yaml] [--device cuda] [--batch-size 8] [--steps 3]
 
 The recipe's model (ViT-L/14 + GPT-2 small + its cross-attention and PEFT) with random weights, random images and
-20-token captions. One optimizer step two ways, through hw3.p2.training.caption_loss as p2_train.py runs it:
+20-token captions. One optimizer step two ways, through hw3.p2.training.CrossEntropy as p2_train.py runs it:
     images   the frozen encoder runs on the images every step (no cache)
     cached   the encoder's tokens are given (what the memmap cache serves), only the decoder runs
 Prints seconds per step and the ratio, i.e. how much faster an epoch is with the cache (image loading left out).
@@ -19,13 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hw3.p2.config import load_config  # noqa: E402
 from hw3.p2.data import CaptionBatch  # noqa: E402
 from hw3.p2.model import build_caption_model  # noqa: E402
-from hw3.p2.training import LossSettings, caption_loss  # noqa: E402
+from hw3.p2.training import CrossEntropy  # noqa: E402
 from tokenizer import make_caption_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def seconds_per_step(model, batch, encode: bool, device, config, steps: int) -> float:
+def seconds_per_step(model, batch, device, config, steps: int) -> float:
+    """Seconds per optimizer step; batch.images are images (the encoder runs) or cached tokens."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     scaler = torch.cuda.amp.GradScaler(enabled=config.amp and device.type == "cuda")
     timings = []
@@ -33,7 +34,7 @@ def seconds_per_step(model, batch, encode: bool, device, config, steps: int) -> 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = caption_loss(model, batch, LossSettings(encode, config.amp, config.label_smoothing), device)
+        loss = CrossEntropy(config.label_smoothing, config.amp)(model, batch.to(device))[0]
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -62,9 +63,9 @@ def main():
     with torch.no_grad():
         tokens = model.encode_images(images.to(device)).half().cpu()  # the cache stores fp16
     index = torch.arange(args.batch_size)
-    uncached = seconds_per_step(model, CaptionBatch(images, input_ids, targets, index), True, device, config,
+    uncached = seconds_per_step(model, CaptionBatch(images, input_ids, targets, index), device, config,
                                 args.steps)
-    cached = seconds_per_step(model, CaptionBatch(tokens, input_ids, targets, index), False, device, config,
+    cached = seconds_per_step(model, CaptionBatch(tokens, input_ids, targets, index), device, config,
                               args.steps)
     print(f"{Path(args.config).name}: encoder {config.model.encoder}, {args.device}, batch {args.batch_size}: "
           f"{uncached:.3f} s/step from images, {cached:.3f} s/step from cached tokens: "

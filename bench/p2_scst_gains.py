@@ -35,14 +35,14 @@ def run(command):
 
 def evaluate(world: ToyWorld, run_dir: str) -> dict:
     """hw3_2.sh + p2_evaluate.py on the val images for the run's best checkpoint."""
-    p2 = world.p2_data
+    layout = world.layout
     predictions, scores = os.path.join(run_dir, "hw3_2_val.json"), os.path.join(run_dir, "hw3_2_val_scores.json")
     started = time.time()
-    run(["bash", "hw3_2.sh", str(p2 / "images" / "val"), predictions, str(world.decoder),
+    run(["bash", "hw3_2.sh", str(layout.p2_images("val")), predictions, str(world.decoder),
          "--checkpoint", os.path.join(run_dir, "best.safetensors"), "--encoder", str(world.clip)])
     decode_seconds = time.time() - started
-    run([sys.executable, "p2_evaluate.py", "--pred_file", predictions, "--images_root", str(p2 / "images" / "val"),
-         "--annotation_file", str(p2 / "val.json"), "--clip-model", str(world.clip), "--json-out", scores])
+    run([sys.executable, "p2_evaluate.py", "--pred_file", predictions, "--images_root", str(layout.p2_images("val")),
+         "--annotation_file", str(layout.p2_annotations("val")), "--clip-model", str(world.clip), "--json-out", scores])
     captions = read_json(predictions)
     result = read_json(scores)
     return {"CIDEr": result["CIDEr"], "CLIPScore": result["CLIPScore"],

@@ -64,8 +64,9 @@ def main(argv=None):
     parser.add_argument("--captions", type=int, default=20000, help="candidates to score for the throughput")
     args = parser.parse_args(argv)
     world = ToyWorld(args.toy_world)
-    train = read_split(str(world.p2_data / "train.json"), str(world.p2_data / "images" / "train"))
-    val = read_split(str(world.p2_data / "val.json"), str(world.p2_data / "images" / "val"))
+    layout = world.layout
+    train = read_split(str(layout.p2_annotations("train")), str(layout.p2_images("train")))
+    val = read_split(str(layout.p2_annotations("val")), str(layout.p2_images("val")))
 
     toy_captions = [c for caps in train.captions + val.captions for c in caps]
     for name, captions in (("toy references", toy_captions), ("varied caption-like strings", VARIED),

@@ -136,7 +136,7 @@ def rewrite_scores(predictions_file: str, references: Dict[str, List[str]]) -> D
 def oracle_scores(toy_world: str, predictions_files: Sequence[str] = ()) -> Dict:
     world = ToyWorld(toy_world)
     world.check()
-    references, key_to_file = load_references(str(world.p2_data / "val.json"))
+    references, key_to_file = load_references(str(world.layout.p2_annotations("val")))
     scenes = read_json(str(world.boxes))["splits"]["p2_val"]
     objects = {key: [Obj(**record) for record in scenes[name]["objects"]] for key, name in key_to_file.items()}
     sizes_of = {key: (scenes[name]["width"], scenes[name]["height"]) for key, name in key_to_file.items()}

@@ -358,6 +358,6 @@ def test_toy_config_beats_the_image_blind_baseline(method, toy_world, toy_baseli
     assert grounding.returncode == 0, grounding.stderr[-3000:]
     ratio = json.loads((out / "grounding" / "grounding.json").read_text())["table"][0]["ratio"]
     print(f"toy {method}: P3 grounding {ratio:.2f}x the box-area baseline")
-    assert ratio >= 2.0  # issue 8: the default layer's attention mass in the named object's box, vs uniform
+    assert ratio >= 2.0  # the default layer's attention mass in the named object's box, vs uniform attention
     assert summary["checkpoint_params"] == parameter_comment(CONFIGS / f"toy_{method}.yaml")[1]
     assert math.isclose(summary["best"]["CIDEr"], max(e["CIDEr"] for e in summary["epochs"]))

@@ -128,7 +128,7 @@ class CrossEntropy:
         return loss, {}
 
 
-def build_objective(config: TrainConfig, split: CaptionSplit, tokenizer: BPETokenizer,
+def build_objective(config: TrainConfig, paths: DataPaths, split: CaptionSplit, tokenizer: BPETokenizer,
                     scorer: Optional[ClipScorer], device: torch.device):
     """The config's objective: CrossEntropy, or (stage scst) SelfCritical with rewards against the training
     references and, when scst.clip_weight > 0, the CLIPScore model's embeddings of the training images."""
@@ -136,7 +136,7 @@ def build_objective(config: TrainConfig, split: CaptionSplit, tokenizer: BPEToke
         return CrossEntropy(config.label_smoothing, config.amp)
     clip_reward = None
     if config.scst.clip_weight > 0:
-        clip_reward = ClipReward(scorer or ClipScorer.load(config.data_paths().clip_model, device), split.paths)
+        clip_reward = ClipReward(scorer or ClipScorer.load(paths.clip_model, device), split.paths)
     return SelfCritical(config.scst, config.decode, split.captions, tokenizer, clip_reward, config.amp)
 
 
@@ -223,6 +223,33 @@ class Progress:
     history: List[dict] = field(default_factory=list)  # one record per validation
 
 
+def build_optimizer(model: CaptionModel, config: TrainConfig, batches_per_epoch: int, device: torch.device):
+    """AdamW over the trainable parameters, its warmup + cosine schedule over the run's optimizer steps, and the
+    GradScaler (a no-op unless amp on CUDA)."""
+    total_steps = config.epochs * math.ceil(batches_per_epoch / config.grad_accum)
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    optimizer = adamw(model.named_parameters(), config.lr, config.weight_decay)
+    scheduler = warmup_cosine_scheduler(optimizer, max(1, round(config.warmup_ratio * total_steps)), total_steps)
+    return optimizer, scheduler, torch.cuda.amp.GradScaler(enabled=config.amp and device.type == "cuda")
+
+
+@torch.no_grad()
+def validate(model: CaptionModel, data: TrainingData, config: TrainConfig, paths: DataPaths,
+             tokenizer: BPETokenizer, scorer: ClipScorer) -> Tuple[Dict[str, float], Dict[str, str]]:
+    """Captions for the val images (in val_keys order) and their CIDEr / CLIPScore."""
+    model.eval()
+    device = model.image_proj.weight.device
+    captions: List[str] = []
+    for images in tqdm(data.val_loader, desc="val captions", leave=False):
+        captions += caption_images(model, model.image_tokens(images.to(device)), config.decode, tokenizer)
+    model.train()
+    predictions = dict(zip(data.val_keys, captions))
+    result = score_captions(predictions, paths.val_json, paths.val_images, clip_model=scorer, device=device,
+                            tokenizer=config.cider_tokenizer, allow_subset=bool(config.val_images), progress=False)
+    return {"CIDEr": result["CIDEr"], "CLIPScore": result["CLIPScore"]}, predictions
+
+
 class Trainer:
     """One training run (see the module docstring for its phases)."""
 
@@ -241,16 +268,20 @@ class Trainer:
         self.load_start(state)
         self.tokenizer = BPETokenizer()
         self.data = load_data(self.config, self.paths, self.model.encoder, self.tokenizer, self.processes)
-        if self.config.train_vocab == "captions":
-            self.restrict_output()
+        if self.config.train_vocab == "captions":  # the training captions' tokens and the end token
+            token_ids = caption_vocabulary(self.data.train.captions, extra=[EOT_ID])
+            self.model.restrict_output(token_ids)
+            if self.processes.main:
+                print(f"output layer over the {len(token_ids)} tokens of the training captions", flush=True)
         self.scorer = ClipScorer.load(self.paths.clip_model, self.device) if self.processes.main else None
-        self.objective = build_objective(self.config, self.data.train_split, self.tokenizer, self.scorer,
-                                         self.device)
+        self.objective = build_objective(self.config, self.paths, self.data.train_split, self.tokenizer,
+                                         self.scorer, self.device)
         self.stats: List[Dict[str, float]] = []  # the objective's stats of the batches since the last validation
         self.sampler = DistributedSampler(self.data.train, num_replicas=self.processes.world_size,
                                           rank=self.processes.rank, shuffle=True, seed=self.config.seed)
         self.batches_per_epoch = math.ceil(len(self.sampler) / self.config.batch_size)
-        self.build_optimizer()
+        self.optimizer, self.scheduler, self.scaler = build_optimizer(self.model, self.config, self.batches_per_epoch,
+                                                                      self.device)
         self.forward = DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if self.processes.world_size > 1 else self.model
@@ -268,23 +299,6 @@ class Trainer:
             load_trainable(self.model, read_checkpoint(self.config.init)[1], source=self.config.init)
         if self.processes.main:
             print(parameter_table(self.model), flush=True)
-
-    def restrict_output(self) -> None:
-        """train_vocab: captions: the model's logits cover the training captions' tokens and the end token."""
-        token_ids = caption_vocabulary(self.data.train.captions, extra=[EOT_ID])
-        self.model.restrict_output(token_ids)
-        if self.processes.main:
-            print(f"output layer over the {len(token_ids)} tokens of the training captions", flush=True)
-
-    def build_optimizer(self) -> None:
-        config = self.config
-        total_steps = config.epochs * math.ceil(self.batches_per_epoch / config.grad_accum)
-        if config.max_steps:
-            total_steps = min(total_steps, config.max_steps)
-        self.optimizer = adamw(self.model.named_parameters(), config.lr, config.weight_decay)
-        self.scheduler = warmup_cosine_scheduler(self.optimizer, max(1, round(config.warmup_ratio * total_steps)),
-                                                 total_steps)
-        self.scaler = torch.cuda.amp.GradScaler(enabled=config.amp and self.device.type == "cuda")
 
     def restore(self, state: dict) -> None:
         """Optimizer, schedule, GradScaler and progress from a resume.pt state."""
@@ -397,21 +411,6 @@ class Trainer:
             self.files.log(type="train", epoch=epoch + 1, step=step, loss=sum(recent) / len(recent),
                            lr=self.scheduler.get_last_lr()[0], **self.mean_stats(every))
 
-    @torch.no_grad()
-    def validate(self) -> Tuple[Dict[str, float], Dict[str, str]]:
-        """Captions for the val images (in val_keys order) and their CIDEr / CLIPScore."""
-        self.model.eval()
-        captions: List[str] = []
-        for images in tqdm(self.data.val_loader, desc="val captions", leave=False):
-            tokens = self.model.image_tokens(images.to(self.device))
-            captions += caption_images(self.model, tokens, self.config.decode, self.tokenizer)
-        self.model.train()
-        predictions = dict(zip(self.data.val_keys, captions))
-        result = score_captions(predictions, self.paths.val_json, self.paths.val_images, clip_model=self.scorer,
-                                device=self.device, tokenizer=self.config.cider_tokenizer,
-                                allow_subset=bool(self.config.val_images), progress=False)
-        return {"CIDEr": result["CIDEr"], "CLIPScore": result["CLIPScore"]}, predictions
-
     def validate_and_save(self, epoch: int, losses: List[float], seconds: float) -> None:
         """Validation, the best checkpoint, last.safetensors + resume.pt, logs and summary (rank 0); the other ranks
         wait."""
@@ -424,7 +423,7 @@ class Trainer:
 
     def record_validation(self, epoch: int, losses: List[float], seconds: float) -> None:
         progress, started = self.progress, time.time()
-        scores, predictions = self.validate()
+        scores, predictions = validate(self.model, self.data, self.config, self.paths, self.tokenizer, self.scorer)
         record = dict(epoch=epoch, step=progress.step, train_loss=sum(losses) / max(1, len(losses)),
                       CIDEr=scores["CIDEr"], CLIPScore=scores["CLIPScore"], seconds=round(seconds, 2),
                       val_seconds=round(time.time() - started, 2), **self.mean_stats())
