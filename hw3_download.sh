@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fetches the trained checkpoint(s) listed in checkpoints.json (wget -O / gdown -O, sha256-verified) and pre-loads
-# the pretrained backbones into their caches. Run from the repo root: bash hw3_download.sh
+# Fetches the trained checkpoint(s) listed in checkpoints.json (wget -O / gdown -O, sha256-verified), then pre-loads
+# into their caches the CLIP models checkpoints.json lists and the image encoder the fetched checkpoint names in its
+# metadata (no other), so that hw3_1.sh and hw3_2.sh need no network. Run from the repo root: bash hw3_download.sh
 # Options (for tests and local use) pass through: --manifest FILE, --dest-root DIR, --skip-backbones; see --help.
 python3 "$(dirname "$0")/hw3_download.py" "$@"

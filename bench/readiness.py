@@ -1,7 +1,8 @@
 """Readiness at the real sizes, random weights: does each graded job fit an 11 GB RTX 2080 Ti and the course's time
 limits, and which stronger frozen encoder could P2 use instead of ViT-L/14?
 
-    python3 bench/readiness.py [--device cpu|cuda] [--sections p1 p2 train cache encoders] [--json-out FILE]
+    python3 bench/readiness.py [--device cpu|cuda] [--sections p1 p2 train cache encoders candidates]
+                               [--json-out FILE]
 
 Sections, each through the project's own code path (random weights: nothing is downloaded):
   p1        hw3_1.sh: hw3.p1.zero_shot.encode_classes (50 classes x the default cifar18 templates) and encode_images
@@ -10,13 +11,17 @@ Sections, each through the project's own code path (random weights: nothing is d
             (configs/adapter.yaml) and DecodeConfig's defaults (beam 3, 30 tokens). Random weights never choose the
             end token, so every caption runs to 30 tokens: the worst case
   train     per real config (configs/adapter.yaml, prefix.yaml, lora.yaml): one optimizer step from cached encoder
-            tokens (fp16, as the cache holds them) with the steps of hw3.p2.training.Trainer (caption_loss,
+            tokens (fp16, as the cache holds them) with the steps of hw3.p2.training.Trainer (CrossEntropy,
             GradScaler, gradient clipping, hw3.p2.optim.adamw), and the validation captions (generation.generate
             on cached tokens, val_batch_size per batch)
   cache     hw3.p2.data.feature_cache: the encoder tokens of the train + val images, written as an fp16 .npy
   encoders  frozen encoders one could pick (OpenAI CLIP ViT-L/14 and ViT-L/14@336px, timm CLIP/SigLIP towers): tokens
             per image, feature-cache size, encoder time per image, and the adapter recipe built on each (trainable
             parameters, training step, projected training memory); plus P1's ViT-L/14 + ViT-L/14@336px ensemble
+  candidates per candidate-encoder config (configs/siglip_adapter.yaml, dfn5b_adapter.yaml): the config's own
+            captioner on its tower: hw3_2.sh time (the tower's encoding + decoding with the tower's token count),
+            feature-cache size and build time, training step and projected peak at the config's batch, validation
+            captions at its val_batch_size. All 2080 Ti figures are projections (measured only with --device cuda)
 
 Sizes (GRADER.md): P1 2500 val images of 32 x 32 px (homework 1's P1 images); P2 1404 test images, 10604 train +
 1789 val images with about 5 captions each. Limits on an RTX 2080 Ti 11 GB: hw3_1.sh 10 min, hw3_2.sh 40 min;
@@ -84,7 +89,7 @@ from hw3.p2.generation import DecodeConfig, autocast_for, generate  # noqa: E402
 from hw3.p2.inference import caption_files  # noqa: E402
 from hw3.p2.model import CaptionModel, count_trainable, trainable_state_dict  # noqa: E402
 from hw3.p2.optim import adamw  # noqa: E402
-from hw3.p2.training import LossSettings, caption_loss  # noqa: E402
+from hw3.p2.training import CrossEntropy  # noqa: E402
 from tokenizer import make_caption_batch  # noqa: E402
 
 GIB = 1024 ** 3
@@ -94,6 +99,8 @@ TRAIN_IMAGES, VAL_IMAGES, CAPTIONS_PER_IMAGE, CACHE_BATCH = 10604, 1789, 5, 64
 LIMITS = {"hw3_1.sh": 600, "hw3_2.sh": 2400}
 VOCAB = 50257
 CONFIGS = [str(ROOT / "configs" / f"{name}.yaml") for name in ("adapter", "prefix", "lora")]
+CANDIDATES = [str(ROOT / "configs" / f"{name}.yaml") for name in ("siglip_adapter", "dfn5b_adapter")]
+SECTIONS = ["p1", "p2", "train", "cache", "encoders", "candidates"]
 ENCODERS = ["ViT-L/14", "ViT-L/14@336px", "timm:eva02_large_patch14_clip_336.merged2b",
             "timm:vit_huge_patch14_clip_quickgelu_378.dfn5b", "timm:vit_so400m_patch14_siglip_384.webli"]
 ADAPTER_TRAINING_KEYS = ("batch_size", "caption_tokens", "trainable", "checkpoint_tensors", "s_per_step", "work",
@@ -331,7 +338,7 @@ def decoding_work(settings: Settings, model: CaptionModel, n_images: int, batch_
 def train_step(model: CaptionModel, batch: CaptionBatch, config: TrainConfig, optimizer, scaler,
                device: torch.device) -> None:
     """Trainer.train_batch + Trainer.optimizer_step for one micro-batch (grad_accum 1)."""
-    loss = caption_loss(model, batch, LossSettings(False, config.amp, config.label_smoothing), device)
+    loss = CrossEntropy(config.label_smoothing, config.amp)(model, batch.to(device))[0]
     scaler.scale(loss).backward()
     if config.grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -354,7 +361,7 @@ def saved_bytes(model: CaptionModel, batch: CaptionBatch, config: TrainConfig, d
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = caption_loss(model, batch, LossSettings(False, config.amp, config.label_smoothing), device)
+        loss = CrossEntropy(config.label_smoothing, config.amp)(model, batch.to(device))[0]
     del loss
     return sum(storages.values())
 
@@ -435,12 +442,14 @@ def train_section(settings: Settings, configs: List[str], batch_size: Optional[i
 
 
 def config_row(settings: Settings, path: str, batch_size: Optional[int], steps: int, caption_tokens: int,
-               val_images: int) -> dict:
-    """One real config: its training steps, projected memory and validation captions."""
+               val_images: int, model: Optional[CaptionModel] = None) -> dict:
+    """One real config: its training steps, projected memory and validation captions (`model`: the config's
+    captioner, when already built)."""
     config = load_config(path)
     progress(f"train: {Path(path).name}, batch {config.batch_size} x accum {config.grad_accum}, PEFT "
              f"{'+'.join(config.model.peft)}")
-    model = random_captioner(config.model, str(settings.device))
+    if model is None:
+        model = random_captioner(config.model, str(settings.device))
     as_graded(model.encoder, settings.device)
     row = dict(config=Path(path).name, config_batch=config.batch_size, grad_accum=config.grad_accum,
                epochs=config.epochs, val_batch_size=config.val_batch_size)
@@ -501,22 +510,13 @@ def encoder_section(settings: Settings, names: List[str], n_images: int, batch_s
     return rows
 
 
-def encoder_row_of(settings: Settings, name: str, n_images: int, batch_size: Optional[int], steps: int,
-                   caption_tokens: int, adapter_row: Optional[dict], jpeg_reading: float) -> dict:
-    """One encoder's row of encoder_section."""
-    config = adapter_config()
-    decode = Work(**adapter_row["val_work"]) if adapter_row else None
-    progress(f"encoders: {name}")
-    row = dict(encoder=name)
-    try:
-        model = random_captioner(dataclasses.replace(config.model, encoder=name), str(settings.device))
-        encoder = model.encoder
-    except UserError as error:  # e.g. more trainable parameters than the limit allows
-        row["error"] = str(error).splitlines()[0]
-        model, encoder = None, load_image_encoder(name, settings.device, pretrained=False)
+def encoder_measurements(settings: Settings, encoder: ImageEncoder, n_images: int, decode: Optional[Work],
+                         jpeg_reading: float) -> dict:
+    """An encoder's tokens, feature-cache size, time and FLOPs per image, and the projected 2080 Ti cache build and
+    (with `decode`, the decoding work of a captioner on this encoder's tokens) hw3_2.sh times."""
     as_graded(encoder, settings.device)
     clip = isinstance(encoder.backbone, VisionTransformer)
-    row.update(tokens=encoder.n_tokens, width=encoder.width, image_size=encoder.image_size,
+    row = dict(tokens=encoder.n_tokens, width=encoder.width, image_size=encoder.image_size,
                parameters=sum(p.numel() for p in encoder.parameters()),
                cache_gb=(TRAIN_IMAGES + VAL_IMAGES) * encoder.n_tokens * encoder.width * 2 / 1e9)
     images = torch.randn(n_images, 3, encoder.image_size, encoder.image_size, device=settings.device)
@@ -541,7 +541,26 @@ def encoder_row_of(settings: Settings, name: str, n_images: int, batch_size: Opt
             work.gpu_seconds(P2_IMAGES, batches, settings.tflops, settings.launch_us)
             + decode.gpu_seconds(P2_IMAGES, batches, settings.tflops, settings.launch_us)
             + jpeg_reading * P2_IMAGES / settings.grading_workers)
+    return row
+
+
+def encoder_row_of(settings: Settings, name: str, n_images: int, batch_size: Optional[int], steps: int,
+                   caption_tokens: int, adapter_row: Optional[dict], jpeg_reading: float) -> dict:
+    """One encoder's row of encoder_section."""
+    config = adapter_config()
+    decode = Work(**adapter_row["val_work"]) if adapter_row else None
+    progress(f"encoders: {name}")
+    row = dict(encoder=name)
+    try:
+        model = random_captioner(dataclasses.replace(config.model, encoder=name), str(settings.device))
+        encoder = model.encoder
+    except UserError as error:  # e.g. more trainable parameters than the limit allows
+        row["error"] = str(error).splitlines()[0]
+        model, encoder = None, load_image_encoder(name, settings.device, pretrained=False)
+    row.update(encoder_measurements(settings, encoder, n_images, decode, jpeg_reading))
+    clip = isinstance(encoder.backbone, VisionTransformer)
     if clip:  # P1 with this tower (CLIP's text tower is the same for both ViT-L/14): images and mirror images
+        work = Work(**row["work"])
         row["projected_2080ti_p1_images_seconds"] = 2 * work.gpu_seconds(
             P1_IMAGES, math.ceil(P1_IMAGES / P1_BATCH), settings.tflops, settings.launch_us)
     if adapter_row and name == config.model.encoder:
@@ -550,6 +569,25 @@ def encoder_row_of(settings: Settings, name: str, n_images: int, batch_size: Opt
         row["adapter_training"] = training_row(settings, model, config, batch_size or config.batch_size, steps,
                                                caption_tokens)
     return row
+
+
+def candidate_section(settings: Settings, configs: List[str], n_images: int, batch_size: Optional[int], steps: int,
+                      caption_tokens: int, val_images: int, jpeg_reading: float) -> List[dict]:
+    """Per candidate-encoder config: config_row (training, projected memory, validation captions) on the config's
+    own captioner, and encoder_measurements with that captioner's decoding work (hw3_2.sh on the tower's tokens)."""
+    rows = []
+    for path in configs:
+        config = load_config(path)
+        progress(f"candidates: {Path(path).name} ({config.model.encoder})")
+        model = random_captioner(config.model, str(settings.device))
+        row = dict(encoder=config.model.encoder, peft="+".join(config.model.peft))
+        row.update(config_row(settings, path, batch_size, steps, caption_tokens, val_images, model=model))
+        decode = Work(**row["val_work"])  # this captioner's decoding: cross-attention over the tower's tokens
+        row["encoder_measurements"] = encoder_measurements(settings, model.encoder, n_images, decode, jpeg_reading)
+        rows.append(row)
+        del model
+        free_memory(settings)
+    return rows
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -649,7 +687,33 @@ def report(result: dict, settings: Settings) -> str:
                 models.append(row["encoder"])
                 lines.append(f"- {' + '.join(models)}: {duration(total)} (limit 10 min: "
                              f"{verdict(total, LIMITS['hw3_1.sh'])})")
+    candidates = result.get("candidates", [])
+    if candidates:
+        lines += ["", f"Candidate-encoder configs, each on its own captioner (random weights). Every 2080 Ti figure is "
+                      f"a PROJECTION (FLOPs / assumed throughput; memory {'measured and ' if settings.cuda else ''}"
+                      f"projected at the config's batch{', saved tensors in fp32: an upper bound' if not settings.cuda else ''}):",
+                  "", "| config | encoder | tokens x width | trainable (checkpoint) | feature cache (fp16) | "
+                      "cache build, 2080 Ti (projected) | hw3_2.sh 1404 images, 2080 Ti (projected) | training peak "
+                      "at batch (projected) | fits | largest fitting batch | 2080 Ti s/step (projected) | training, "
+                      "epochs + val captions (projected) |", "|---" * 12 + "|"]
+        for row in candidates:
+            lines.append(candidate_row_text(row))
     return "\n".join(lines)
+
+
+def candidate_row_text(row: dict) -> str:
+    encoder = row["encoder_measurements"]
+    memory = row["projected_memory_gib"]
+    measured_peak = f", {row['peak']['allocated_gib']:.2f} measured" if row.get("peak") else ""
+    step = f"{row['projected_2080ti_s_per_step']:.3f}" if "projected_2080ti_s_per_step" in row else row.get("error", "-")
+    training = (f"{duration(row['projected_2080ti_training_seconds'])} ({row['epochs']} epochs)"
+                if "projected_2080ti_training_seconds" in row else "-")
+    return (f"| {row['config']} | {row['encoder']} | {encoder['tokens']} x {encoder['width']} | "
+            f"{row['trainable']:,} ({row['checkpoint_tensors']:,}) | {encoder['cache_gb']:.1f} GB | "
+            f"{duration(encoder['projected_2080ti_cache_seconds'])} | "
+            f"{duration(encoder.get('projected_2080ti_hw3_2_seconds'))} | {memory['total']:.2f} GiB at batch "
+            f"{row['config_batch']}{measured_peak} | {'yes' if memory['fits'] else 'NO'} | "
+            f"{memory['largest_fitting_batch']} | {step} | {training} |")
 
 
 def training_memory_text(row: dict) -> str:
@@ -693,8 +757,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--sections", nargs="+", default=["p1", "p2", "train", "cache", "encoders"],
-                        choices=["p1", "p2", "train", "cache", "encoders"], help="what to measure (default: all)")
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS,
+                        help="what to measure (default: all)")
     parser.add_argument("--p1-images", type=int, default=None, help="P1 images measured (default: 2500 CUDA, 2 CPU)")
     parser.add_argument("--p1-classes", type=int, default=None,
                         help="P1 classes whose prompts are encoded (default: 50 CUDA, 2 CPU)")
@@ -715,6 +779,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="caption length of the timed training steps (default: %(default)s, a long COCO caption; "
                              "memory is taken at max_caption_length)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, help="training configs (default: the three real ones)")
+    parser.add_argument("--candidates", nargs="+", default=CANDIDATES,
+                        help="candidate-encoder configs (default: configs/siglip_adapter.yaml, dfn5b_adapter.yaml)")
     parser.add_argument("--encoders", nargs="+", default=ENCODERS,
                         help="encoders to compare, names as hw3/p2/encoder.py takes them (default: %(default)s)")
     parser.add_argument("--tflops", type=float, default=12.0,
@@ -775,6 +841,12 @@ def main(argv=None) -> int:
             result["encoders"] = encoder_section(settings, args.encoders, default(args.encoder_images, 64, 1),
                                                  default(args.train_batch, None, 2), args.train_steps,
                                                  args.caption_tokens, adapter_row, jpeg_reading)
+        if "candidates" in args.sections:
+            jpeg_reading = (result.get("p2") or result.get("cache") or {}).get("reading_s_per_image", 0.0)
+            result["candidates"] = candidate_section(settings, args.candidates, default(args.encoder_images, 64, 1),
+                                                     default(args.train_batch, None, 2), args.train_steps,
+                                                     args.caption_tokens, default(args.val_images, 256, 1),
+                                                     jpeg_reading)
     result["wall_seconds"] = time.time() - started
     if not cuda:
         result["device"] += f", load average {os.getloadavg()[0]:.1f} at the end"

@@ -212,8 +212,8 @@ def test_backbones_are_preloaded_after_checkpoints_and_failures_do_not_stop_the_
 
     monkeypatch.setitem(sys.modules, "clip", types.SimpleNamespace(
         available_models=lambda: ["ViT-B/32", "ViT-L/14"], load=clip_load))
-    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(
-        create_model=lambda name, pretrained: loaded.append(("timm", name, pretrained))))
+    monkeypatch.setattr(download, "timm_weights_file", lambda name: loaded.append(("timm", name)) or "/cache/w.bin")
+    monkeypatch.setattr(hw3_download, "load_encoder_offline", lambda name: loaded.append(("verified", name)))
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({
         "checkpoints": [{"name": "p2_best", "path": "p2.bin", "url": "", "sha256": ""}],
@@ -222,12 +222,59 @@ def test_backbones_are_preloaded_after_checkpoints_and_failures_do_not_stop_the_
     (tmp_path / "p2.bin").write_bytes(b"trained here")
 
     assert run_main(["--manifest", str(manifest), "--dest-root", str(tmp_path)]) == FAILED
-    assert loaded == [("clip", "ViT-B/32", "cpu"), ("timm", "vit_base_patch16_224", True)]
+    assert loaded == [("clip", "ViT-B/32", "cpu"), ("timm", "vit_base_patch16_224"),
+                      ("verified", "timm:vit_base_patch16_224")]
     err = capsys.readouterr().err
     assert "clip ViT-L/14: FAILED: RuntimeError: connection reset" in err and "unknown CLIP model" in err
     assert (tmp_path / "p2.bin").read_bytes() == b"trained here"  # the checkpoint is untouched by backbone failures
 
     assert run_main(["--manifest", str(manifest), "--dest-root", str(tmp_path), "--skip-backbones"]) == OK
+
+
+def write_checkpoint(path: Path, encoder: str) -> Path:
+    """A trained-checkpoint file as hw3/p2/checkpoint.py writes it: tensors + the CaptionConfig JSON in its metadata."""
+    import torch
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"image_proj.weight": torch.zeros(2, 2)}, str(path),
+              metadata={"caption_config": json.dumps({"encoder": encoder, "peft": ["adapter"]})})
+    return path
+
+
+@pytest.mark.parametrize("encoder, expected", [
+    ("timm:vit_huge_patch14_clip_quickgelu_378.dfn5b", [("timm", "vit_huge_patch14_clip_quickgelu_378.dfn5b"),
+                                                        ("verified", "timm:vit_huge_patch14_clip_quickgelu_378.dfn5b")]),
+    ("ViT-L/14", []),  # already in the manifest's list: loaded once
+    ("ViT-L/14@336px", [("clip", "ViT-L/14@336px")]),
+    ("timm:vit_base_patch16_clip_quickgelu_224.openai@/toy/clip.pt", []),  # a local file: nothing to download
+])
+def test_the_checkpoints_encoder_and_no_other_is_preloaded(monkeypatch, tmp_path, capsys, encoder, expected):
+    """hw3_download pre-loads the manifest's CLIP models, then exactly the encoder the fetched checkpoint's metadata
+    names; never the other candidate towers."""
+    loaded = []
+    monkeypatch.setitem(sys.modules, "clip", types.SimpleNamespace(
+        available_models=lambda: ["ViT-B/32", "ViT-L/14", "ViT-L/14@336px"],
+        load=lambda name, device, jit: loaded.append(("clip", name))))
+    monkeypatch.setattr(download, "timm_weights_file", lambda name: loaded.append(("timm", name)) or "/cache/w.bin")
+    monkeypatch.setattr(hw3_download, "load_encoder_offline", lambda name: loaded.append(("verified", name)))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({
+        "checkpoints": [{"name": "p2_best", "path": "checkpoints/p2_best.safetensors", "url": "", "sha256": ""}],
+        "backbones": [{"library": "clip", "name": "ViT-L/14"}, {"library": "clip", "name": "ViT-B/32"}]}))
+    write_checkpoint(tmp_path / "checkpoints" / "p2_best.safetensors", encoder)
+    assert run_main(["--manifest", str(manifest), "--dest-root", str(tmp_path)]) == OK, capsys.readouterr().err
+    assert loaded == [("clip", "ViT-L/14"), ("clip", "ViT-B/32")] + expected
+
+
+def test_no_checkpoint_no_encoder_preloaded(monkeypatch, tmp_path, capsys):
+    """An unpublished checkpoint that is not here names no encoder: only the manifest's list is loaded."""
+    loaded = []
+    monkeypatch.setitem(sys.modules, "clip", types.SimpleNamespace(
+        available_models=lambda: ["ViT-B/32"], load=lambda name, device, jit: loaded.append(("clip", name))))
+    monkeypatch.setattr(download, "timm_weights_file", lambda name: loaded.append(("timm", name)))
+    manifest = write_manifest(tmp_path, url="", sha256="")
+    assert run_main(["--manifest", str(manifest), "--dest-root", str(tmp_path / "out")]) == NOT_PUBLISHED
+    assert loaded == [("clip", "ViT-B/32")]
 
 
 # --- the course's script rules --------------------------------------------------------------------------------------
