@@ -215,13 +215,15 @@ def test_unique_key_batches_cover_everything_without_repeated_keys():
     assert all(len({keys[i] for i in batch}) == len(batch) <= 16 for batch in batches)
 
 
-def test_short_text_encoding_equals_clips_own():
+def test_short_tokens_encode_as_clips_own():
+    """The toy CLIP trains on tokens cut to the batch's longest caption (tokenize_short), through the library's
+    trimmed text tower: the features of CLIP's own 77-token encode_text."""
     model = toy_models.build_tiny_clip(toy_models.ClipConfig(text_layers=2, vision_layers=1)).eval()
     captions = ["a photo of a red star.", "A big blue circle to the left of a small white cross."]
     import clip
     with torch.no_grad():
         full = model.encode_text(clip.tokenize(captions))
-        short = toy_models.encode_text_short(model, toy_models.tokenize_short(captions))
+        short = toy_models.encode_text_trimmed(model, toy_models.tokenize_short(captions))
     assert torch.allclose(full, short, atol=1e-5)
 
 
