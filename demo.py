@@ -3,8 +3,10 @@
     bash demo.sh                          the offline toy world (built or reused in ~/.cache/dlcv-hw3, or
                                           $HW3_CACHE): P1, P2 (three PEFT methods + the self-critical stage), P3,
                                           the report; results in results/
-    bash demo.sh --data hw3_data          the course data, the same steps: configs/{adapter,prefix,lora}.yaml,
-                                          ViT-L/14, hw3_data/p2_data/decoder_model.bin; then the checkpoints.json
+    bash demo.sh --data hw3_data          the course data, the same steps: configs/{adapter,prefix,lora}.yaml
+                                          (ViT-L/14) and the encoder candidates configs/{siglip,dfn5b}_adapter.yaml
+                                          (--configs vitl14 leaves them out), hw3_data/p2_data/decoder_model.bin;
+                                          then the best run by val CIDEr is submitted: the checkpoints.json
                                           entry that publishes the best checkpoint
     bash demo.sh --check [--data DIR]     the preflight only (python3 preflight.py DIR does the same)
     bash demo.sh --compare A/numbers.json B/numbers.json     "identical", or what differs

@@ -68,8 +68,8 @@ class Inputs:
     p1: Dict[str, Path]  # p1_clip.py report's files by name
     p1_summary: dict
     accuracy: List[dict]  # accuracy.csv rows
-    runs: Dict[str, Path]  # method: run folder (cross-entropy)
-    summaries: Dict[str, dict]  # method: summary.json
+    runs: Dict[str, Path]  # run folder name: run folder (cross-entropy), at least one per PEFT kind
+    summaries: Dict[str, dict]  # run folder name: summary.json
     scst: Dict[str, Tuple[dict, Optional[dict]]]  # self-critical run folder name: (its summary, its --init run's)
     val_scores: Optional[dict]
     p3_images: Tuple[Path, dict]  # attention.json of the p3 images, read
@@ -109,13 +109,11 @@ def collect_inputs(p1_dir: Path, p2_runs: Path, p3_dir: Path, toy_world: Optiona
         if summary.get("stage", "xe") == "scst":
             init = Path(summary.get("init") or "").parent / "summary.json"
             scst[summary_path.parent.name] = (summary, read_json(init) if init.is_file() else None)
-        elif method in PEFT_KINDS and method not in runs:
-            runs[method] = summary_path.parent
-    for method in PEFT_KINDS:
-        if method not in runs:
-            missing.append(f"{p2_runs}/*/summary.json with method {method!r} (p2_train.py run folder)")
-        else:
-            need(runs[method] / "curves.png", f"{method} training curves")
+        elif method in PEFT_KINDS:
+            runs[summary_path.parent.name] = summary_path.parent
+            need(summary_path.parent / "curves.png", f"{method} training curves")
+    missing += [f"{p2_runs}/*/summary.json with method {method!r} (p2_train.py run folder)" for method in PEFT_KINDS
+                if not any(read_json(run / "summary.json").get("method") == method for run in runs.values())]
     attention_files = sorted(p3_dir.rglob("attention.json")) if p3_dir.is_dir() else []
     attention = [(path, read_json(path)) for path in attention_files]
     p3_images = [(path, info) for path, info in attention if not any("rank" in r for r in info["images"])]
@@ -131,9 +129,10 @@ def collect_inputs(p1_dir: Path, p2_runs: Path, p3_dir: Path, toy_world: Optiona
     if missing:
         raise ReportError("missing inputs:\n  - " + "\n  - ".join(missing))
 
-    summaries = {method: read_json(runs[method] / "summary.json") for method in PEFT_KINDS}
+    summaries = {name: read_json(run / "summary.json") for name, run in runs.items()}
     grounding = (grounding_files[0], read_json(grounding_files[0])) if grounding_files else None
-    malformed = [line for m in PEFT_KINDS for line in lacking(runs[m] / "summary.json", summaries[m], SUMMARY_KEYS)]
+    malformed = [line for name, run in runs.items()
+                 for line in lacking(run / "summary.json", summaries[name], SUMMARY_KEYS)]
     malformed += [line for path, info in attention for line in lacking(path, info, ATTENTION_KEYS)]
     malformed += lacking(*grounding, GROUNDING_KEYS) if grounding else []
     if malformed:
@@ -218,8 +217,8 @@ def cover_page(inputs: Inputs) -> Figure:
         "", "Data: " + data, "",
         f"P1: CLIP model(s) {', '.join(p1['main_setting']['models'])}; {p1['readable_images']} labelled images; "
         f"device {p1['device']}; results {inputs.p1_dir} (written {when(inputs.p1['summary.json'])}).",
-        "P2: " + "; ".join(f"{m}: config {s.get('config_file')}, finished {s.get('finished_at')}"
-                            for m, s in summaries.items()) + f"; run folders under {inputs.p2_runs}.",
+        "P2: " + "; ".join(f"{name}: config {s.get('config_file')}, finished {s.get('finished_at')}"
+                            for name, s in summaries.items()) + f"; run folders under {inputs.p2_runs}.",
         f"P3: checkpoint {p3['checkpoint']} (sha256 {p3['checkpoint_sha256'][:16]}...), layer {p3['layer']} "
         f"({p3['layer_reason']}), {'heads averaged' if p3['head'] is None else 'head %d' % p3['head']}, beam size "
         f"{p3['decode']['beam_size']}; figures made {p3['created_at']} ({p3_path.parent}).",
@@ -287,22 +286,41 @@ def scst_table(figure: Figure, y: float, runs: Dict[str, Tuple[dict, Optional[di
                              "SCST val"], rows)
 
 
+def encoder_name(summary: dict) -> str:
+    """The run's frozen encoder as the table shows it: a CLIP or timm name, or a file's name."""
+    encoder = summary.get("encoder") or "-"
+    if encoder.startswith("timm:"):
+        return encoder[len("timm:"):]
+    return Path(encoder).name if encoder.endswith((".pt", ".pth", ".bin", ".safetensors")) else encoder
+
+
+def best_run_per_method(summaries: Dict[str, dict]) -> Dict[str, str]:
+    """PEFT kind: the name of its run with the best val CIDEr."""
+    best: Dict[str, str] = {}
+    for name, summary in summaries.items():
+        method = summary["method"]
+        if method not in best or summary["best"]["CIDEr"] > summaries[best[method]]["best"]["CIDEr"]:
+            best[method] = name
+    return {method: best[method] for method in PEFT_KINDS}
+
+
 def p2_pages(inputs: Inputs) -> List[Figure]:
     figure = new_page("Problem 2: PEFT captioning")
     summaries = inputs.summaries
-    best = max(PEFT_KINDS, key=lambda m: summaries[m]["best"]["CIDEr"])
-    rows = [[m, f"{s['checkpoint_params']:,}", f"{s['trainable_params']:,}", str(s["best_epoch"]),
-             f"{s['best']['CIDEr']:.4f}", f"{s['best']['CLIPScore']:.4f}", f"beam {s['decode']['beam_size']}"]
-            for m, s in summaries.items()]
-    y = write(figure, 0.93, "Validation scores of the best epoch of each method (val CIDEr picks the epoch). "
-                            "Trainable parameters are counted on the saved checkpoint, which holds only them "
-                            "(the limit is < 35M), and while training (prefix tuning may train an MLP that the "
-                            "checkpoint stores collapsed).")
-    y = table(figure, y, ["method", "checkpoint params", "trained params", "best epoch", "CIDEr", "CLIPScore",
-                          "decoding"], rows, bold_row=PEFT_KINDS.index(best))
+    names = list(summaries)
+    best = max(names, key=lambda name: summaries[name]["best"]["CIDEr"])
+    rows = [[name, s["method"], encoder_name(s), f"{s['checkpoint_params']:,}", f"{s['trainable_params']:,}",
+             str(s["best_epoch"]), f"{s['best']['CIDEr']:.4f}", f"{s['best']['CLIPScore']:.4f}",
+             f"beam {s['decode']['beam_size']}"] for name, s in summaries.items()]
+    y = write(figure, 0.93, "Validation scores of the best epoch of each run (val CIDEr picks the epoch): one run "
+                            "per PEFT method, and any encoder candidates. Trainable parameters are counted on the "
+                            "saved checkpoint, which holds only them (the limit is < 35M), and while training "
+                            "(prefix tuning may train an MLP that the checkpoint stores collapsed).")
+    y = table(figure, y, ["run", "method", "frozen encoder", "checkpoint params", "trained params", "best epoch",
+                          "CIDEr", "CLIPScore", "decoding"], rows, bold_row=names.index(best))
     text = f"Best setting by val CIDEr: {best} ({summaries[best]['best']['CIDEr']:.4f} CIDEr, " \
            f"{summaries[best]['best']['CLIPScore']:.4f} CLIPScore). Config files: " + \
-           "; ".join(f"{m}: {s['config_file']}" for m, s in summaries.items()) + "."
+           "; ".join(f"{name}: {s['config_file']}" for name, s in summaries.items()) + "."
     if inputs.val_scores:
         v = inputs.val_scores
         text += (f"\nThe submitted captions (hw3_2.sh) scored by p2_evaluate.py: CIDEr {v['CIDEr']:.4f}, CLIPScore "
@@ -310,15 +328,14 @@ def p2_pages(inputs: Inputs) -> List[Figure]:
     y = write(figure, y, text)
     if inputs.scst:
         y = scst_table(figure, y, inputs.scst)
-    for method in PEFT_KINDS:
-        epochs = summaries[method]["epochs"]
-        y = write(figure, y, f"{method}: " + ", ".join(
+    for name, summary in summaries.items():
+        y = write(figure, y, f"{name}: " + ", ".join(
             f"epoch {e['epoch']}: loss {e['train_loss']:.3f}, CIDEr {e['CIDEr']:.3f}, CLIPScore {e['CLIPScore']:.3f}"
-            for e in epochs), size=8.5, width=120)
-    curves = new_page("Problem 2: training curves (loss; val CIDEr and CLIPScore)")
-    for index, method in enumerate(PEFT_KINDS):
-        curves.text(0.06, 0.92 - index * 0.3, method, fontsize=11, weight="bold")
-        picture(curves, inputs.runs[method] / "curves.png", [0.05, 0.64 - index * 0.3, 0.9, 0.27])
+            for e in summary["epochs"]), size=8.5, width=120)
+    curves = new_page("Problem 2: training curves (loss; val CIDEr and CLIPScore), the best run of each method")
+    for index, (method, name) in enumerate(best_run_per_method(summaries).items()):
+        curves.text(0.06, 0.92 - index * 0.3, f"{method} ({name})", fontsize=11, weight="bold")
+        picture(curves, inputs.runs[name] / "curves.png", [0.05, 0.64 - index * 0.3, 0.9, 0.27])
     return [figure, curves]
 
 

@@ -117,10 +117,10 @@ def test_tower_layout_activation_and_published_weights(name):
 def test_token_shape_without_building_the_tower(toy_world_small):
     from hw3.p2.encoder import encoder_token_shape
     for name, tower in TOWERS.items():
-        assert encoder_token_shape(name) == (tower["prefix"] + tower["grid"][0] * tower["grid"][1], tower["width"])
-    assert encoder_token_shape("ViT-L/14") == (257, 1024)
+        assert encoder_token_shape(name)[:2] == (tower["prefix"] + tower["grid"][0] * tower["grid"][1], tower["width"])
+    assert encoder_token_shape("ViT-L/14") == (257, 1024, 224)
     clip_path = str(ToyWorld(toy_world_small).clip)
-    assert encoder_token_shape(clip_path) == encoder_token_shape(timm_name(clip_path)) == (37, 128)
+    assert encoder_token_shape(clip_path) == encoder_token_shape(timm_name(clip_path)) == (37, 128, 96)
 
 
 @pytest.mark.parametrize("name", TOWERS)

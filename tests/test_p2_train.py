@@ -161,8 +161,9 @@ def test_run_folder_layout_and_checkpoints_hold_only_trainable_tensors(mini, tmp
                  "val_predictions.json", "summary.json", "config.yaml"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"config_file", "method", "stage", "init", "trainable_params", "checkpoint_params",
-                            "best_epoch", "best", "epochs", "decode", "data", "finished_at"}
+    assert set(summary) == {"config_file", "method", "stage", "encoder", "init", "trainable_params",
+                            "checkpoint_params", "best_epoch", "best", "epochs", "decode", "data", "finished_at"}
+    assert summary["encoder"] == str(mini / "clip.pt")  # --toy-world's encoder
     assert summary["stage"] == "xe" and summary["init"] is None
     assert summary["method"] == "prefix" and str(mini) in summary["data"] and summary["finished_at"]
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2]

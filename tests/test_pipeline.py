@@ -41,6 +41,10 @@ def test_the_toy_run_and_its_files_through_data_are_one_run(tmp_path):
 def test_course_data_defaults(tmp_path):
     inputs = inputs_from_args(parse(["--no-scst"]), tmp_path / "hw3_data", None)
     assert inputs.configs == CONFIG_SETS["real"] and inputs.scst_config is None
+    assert inputs.configs[:3] == CONFIG_SETS["vitl14"] and all(Path(ROOT, c).is_file() for c in inputs.configs)
+    assert len(inputs.configs) == 5  # the two encoder candidates; --configs vitl14 leaves them out
+    assert inputs_from_args(parse(["--configs", "vitl14"]), tmp_path / "hw3_data", None).configs == \
+        CONFIG_SETS["vitl14"]
     assert inputs.decoder == tmp_path / "hw3_data" / "p2_data" / "decoder_model.bin"
     assert (inputs.encoder, inputs.clip_model, inputs.p1_models, inputs.clipscore_model) == \
         (None, None, ("ViT-L/14",), "ViT-B/32")

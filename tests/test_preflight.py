@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hw3.p2.config import load_config
 from hw3.p2.data import CaptionSplit, feature_cache_path
 from hw3.pipeline.inputs import CONFIG_SETS, RunInputs
 from hw3.pipeline.preflight import FAIL, check_feature_cache, passed, run_preflight
@@ -112,3 +113,17 @@ def test_the_feature_cache_size_counts_what_the_cache_key_does_not_find(tmp_path
     Path(feature_cache_path(str(cache), "ViT-B/32", -2, 224, val.paths)).write_bytes(b"")  # another layer's: no
     config.model.encoder_layer = -2
     assert "x 3 images not cached yet" in cache_line()
+
+
+def test_every_encoder_of_the_course_runs_gets_its_cache_sized_and_the_disk_their_total(tmp_path):
+    """The course data's default runs (three ViT-L/14 recipes and the encoder candidates) share one cache folder:
+    one size line per encoder, and the disk line asks for their sum."""
+    configs = [load_config(str(ROOT / path), [f"cache_dir={tmp_path / 'cache'}"]) for path in CONFIG_SETS["real"]]
+    train = CaptionSplit(str(tmp_path / "train"), ["a.jpg", "b.jpg"], [["a"], ["b"]])
+    findings = [str(finding) for finding in check_feature_cache(configs, [train], 0)]
+    shapes = {"ViT-L/14": 257 * 1024, "timm:vit_so400m_patch14_siglip_384.webli": 729 * 1152,
+              "timm:vit_huge_patch14_clip_quickgelu_378.dfn5b": 730 * 1280}
+    for encoder, size in shapes.items():
+        assert any(encoder in line and f"= {2 * size * 2 / 1e6:.1f} MB" in line for line in findings), encoder
+    total = sum(2 * size * 2 for size in shapes.values())
+    assert any("disk" in line and f"needs {total / 1e6:.1f} MB" in line for line in findings), findings

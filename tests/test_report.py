@@ -80,7 +80,7 @@ def fabricate_p2(p2: Path) -> None:
             "checkpoint_params": 12345 + index, "best_epoch": 2, "best": {"CIDEr": 0.9 + index / 100,
                                                                           "CLIPScore": 0.7 + index / 1000},
             "epochs": [{"epoch": 1, "train_loss": 1.5, "CIDEr": 0.5, "CLIPScore": 0.6, "seconds": 10}],
-            "decode": {"beam_size": 3}, "data": "toy world (fabricated)",
+            "decode": {"beam_size": 3}, "data": "toy world (fabricated)", "encoder": "/w/clip.pt",
             "finished_at": "2026-11-23T10:00:00"})
         png(run / "curves.png", (1100, 400))
     write_json(p2 / "val_scores.json", {"CIDEr": 0.9345, "CLIPScore": 0.7123, "num_images": 500,
@@ -217,6 +217,24 @@ def test_missing_inputs_are_listed_together(tmp_path, capsys):
     for expected in ["top5.png", "method 'prefix'", "girl.png", "top-1/last-1 records"]:
         assert expected in message
     assert not (tmp_path / "r.pdf").exists()
+
+
+def test_encoder_candidates_get_a_row_each_and_the_best_run_of_a_method_its_curves(tmp_path, capsys):
+    folders = fabricate(tmp_path)
+    candidate = folders["p2"] / "siglip_adapter"
+    summary = json.loads((folders["p2"] / "toy_adapter" / "summary.json").read_text())
+    write_json(candidate / "summary.json", {**summary, "encoder": "timm:vit_so400m_patch14_siglip_384.webli",
+                                            "best": {"CIDEr": 0.9876, "CLIPScore": 0.7654}})
+    png(candidate / "curves.png", (1100, 400))
+    inputs = report.collect_inputs(folders["p1"], folders["p2"], folders["p3"], None)
+    assert sorted(inputs.summaries) == ["siglip_adapter", "toy_adapter", "toy_lora", "toy_prefix"]
+    assert report.best_run_per_method(inputs.summaries) == {"adapter": "siglip_adapter", "prefix": "toy_prefix",
+                                                            "lora": "toy_lora"}
+    assert report.encoder_name(inputs.summaries["siglip_adapter"]) == "vit_so400m_patch14_siglip_384.webli"
+    assert report.encoder_name(inputs.summaries["toy_lora"]) == "clip.pt"
+    out = tmp_path / "r.pdf"
+    build(folders, out, capsys)
+    assert "0.9876" in pdf_streams_text(out) and "0.9100" in pdf_streams_text(out)  # the candidate's row and adapter's
 
 
 @pytest.mark.parametrize("run, key", [("toy_lora", "checkpoint_params"), ("toy_prefix", "data")])

@@ -93,10 +93,12 @@ class FeatureCache(Dataset):
 
 
 def _encoder_fingerprint(name: str) -> str:
-    """An encoder's name, plus its file's size and modification time when it is a local file."""
-    if os.path.isfile(name):
-        stat = os.stat(name)
-        return f"{os.path.abspath(name)}:{stat.st_size}:{stat.st_mtime_ns}"
+    """An encoder's name, plus its weights file's size and modification time when it names a local file (a CLIP
+    state_dict path, or timm:NAME@FILE): other weights under the same name give another key."""
+    architecture, at, file = name.rpartition("@") if name.startswith("timm:") else ("", "", name)
+    if os.path.isfile(file):
+        stat = os.stat(file)
+        return f"{architecture}{at}{os.path.abspath(file)}:{stat.st_size}:{stat.st_mtime_ns}"
     return name
 
 

@@ -225,17 +225,18 @@ def _timm_encoder(name: str, device, pretrained: bool, layer: int, **model_args)
                         model.num_features, image_size, layer)
 
 
-def encoder_token_shape(name: str) -> Tuple[int, int]:
-    """(tokens per image, width) of encoder `name`, without building the whole tower or reading any weights where
-    that can be avoided: OpenAI CLIP names from their sizes, timm names from one block at the real width (about a
-    second, whatever the tower's size); a local file is loaded."""
+def encoder_token_shape(name: str) -> Tuple[int, int, int]:
+    """(tokens per image, width, input image size) of encoder `name`, without building the whole tower or reading
+    any weights where that can be avoided: OpenAI CLIP names from their sizes, timm names from one block at the real
+    width (about a second, whatever the tower's size); a local file is loaded. What the preflight sizes the feature
+    cache with."""
     if name in CLIP_VITS:
         image_size, patch_size, width, _ = CLIP_VITS[name]
-        return (image_size // patch_size) ** 2 + 1, width
+        return (image_size // patch_size) ** 2 + 1, width, image_size
     if name.startswith("timm:") and "@" not in name:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tag / activation warnings are the loader's to give
             built = _timm_encoder(name, "cpu", pretrained=False, layer=-1, depth=1)
     else:
         built = load_image_encoder(name, pretrained=False)
-    return built.n_tokens, built.width
+    return built.n_tokens, built.width, built.image_size

@@ -147,7 +147,7 @@ class RunFiles:
         """summary.json from the config and the training Progress (hw3.p2.training)."""
         summary = {
             "config_file": config_file, "method": "+".join(config.model.peft) or "none", "stage": config.stage,
-            "init": config.init,
+            "encoder": config.model.encoder, "init": config.init,
             "trainable_params": count_trainable(model),
             "checkpoint_params": count_checkpoint_params(str(self.best)) if self.best.is_file() else None,
             "best_epoch": progress.best_epoch, "best": progress.best, "epochs": progress.history,

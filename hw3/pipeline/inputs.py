@@ -24,8 +24,12 @@ from hw3.p2.config import TrainConfig
 from hw3.p2.peft import PEFT_KINDS
 from hw3.toy.world import ToyWorld
 
+# The course data's runs: one per PEFT kind on CLIP ViT-L/14 (what the report compares), and the stronger frozen
+# encoders as candidates (docs/encoders.md); the best of all by val CIDEr is submitted.
+ENCODER_CANDIDATES = ("configs/siglip_adapter.yaml", "configs/dfn5b_adapter.yaml")
 CONFIG_SETS = {"toy": tuple(f"configs/toy_{method}.yaml" for method in PEFT_KINDS),
-               "real": tuple(f"configs/{method}.yaml" for method in PEFT_KINDS)}
+               "real": tuple(f"configs/{method}.yaml" for method in PEFT_KINDS) + ENCODER_CANDIDATES,
+               "vitl14": tuple(f"configs/{method}.yaml" for method in PEFT_KINDS)}
 SCST_CONFIGS = {"toy": "configs/toy_scst.yaml", "real": "configs/scst.yaml"}
 TOY_WORLD_NAME = "toyworld-seed0"  # the cache root's full toy world, shared with the tests
 
@@ -152,10 +156,11 @@ class ResultPaths:
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:
     """The options that replace a run's configs and models (see the module docstring for the defaults)."""
-    parser.add_argument("--configs", nargs="+", metavar="toy|real|FILE",
+    parser.add_argument("--configs", nargs="+", metavar="toy|real|vitl14|FILE",
                         help="P2 configs: toy (configs/toy_{adapter,prefix,lora}.yaml), real "
-                             "(configs/{adapter,prefix,lora}.yaml) or config files (default: toy without --data, "
-                             "real with it)")
+                             "(configs/{adapter,prefix,lora}.yaml and the encoder candidates "
+                             "configs/{siglip,dfn5b}_adapter.yaml), vitl14 (real without the candidates) or config "
+                             "files (default: toy without --data, real with it)")
     parser.add_argument("--decoder", help="the course's GPT-2 decoder_model.bin (default: the toy world's; with "
                                           "--data: DATA/p2_data/decoder_model.bin)")
     parser.add_argument("--encoder", help="P2's frozen image encoder: a CLIP name, timm:NAME or a CLIP state_dict "
@@ -169,7 +174,7 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
 
 
 def configs_of(choice: Sequence[str]) -> Tuple[str, ...]:
-    if list(choice) in (["toy"], ["real"]):
+    if len(choice) == 1 and choice[0] in CONFIG_SETS:
         return CONFIG_SETS[choice[0]]
     return tuple(config_path(name) for name in choice)
 

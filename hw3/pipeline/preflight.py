@@ -25,12 +25,13 @@ import clip
 import torch
 
 from hw3.common.clip_models import load_clip
+from hw3.common.download import cached_timm_weights, timm_weights_source
 from hw3.common.errors import UserError
 from hw3.common.files import REPO_ROOT, read_json
 from hw3.common.images import list_image_files
 from hw3.p2.config import TrainConfig, load_config
 from hw3.p2.data import CaptionSplit, feature_cache_path, read_split
-from hw3.p2.encoder import CLIP_VITS, load_image_encoder
+from hw3.p2.encoder import encoder_token_shape, load_image_encoder
 from hw3.p2.model import load_decoder_with_report
 from hw3.pipeline.inputs import RunInputs
 
@@ -312,7 +313,7 @@ def check_model(role: str, name: str, load) -> Finding:
         if file.is_file():
             return Finding(OK, "models", f"{role} {name}: cached ({file}, {size_text(file.stat().st_size)})")
         return download_finding(role, name, url, CLIP_CACHE)
-    if name.startswith("timm:"):
+    if name.startswith("timm:") and "@" not in name:  # timm:NAME@FILE: a local file, loaded below
         return check_timm_model(role, name)
     try:
         load(name)
@@ -322,22 +323,20 @@ def check_model(role: str, name: str, load) -> Finding:
 
 
 def check_timm_model(role: str, name: str) -> Finding:
-    import timm.models  # only timm names need it
+    """A timm encoder's weights in the Hugging Face cache under the hub id and file they are published as (what
+    hw3.p2.encoder loads, and hw3_download.sh fetches), or the download they need."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    config = timm.models.get_pretrained_cfg(name[len("timm:"):])
-    if config is None:
-        return Finding(FAIL, "models", f"{role} {name}: timm {timm.__version__} has no pretrained weights of that "
-                                       "name", "check the name (timm.list_pretrained())")
-    if config.hf_hub_id:
-        cache = Path(HF_HUB_CACHE) / ("models--" + config.hf_hub_id.replace("/", "--"))
-        url = f"https://huggingface.co/{config.hf_hub_id}"
-    else:
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(config.url)
-        url = config.url
-    if cache.exists():
-        return Finding(OK, "models", f"{role} {name}: cached ({cache})")
-    return download_finding(role, name, url, cache)
+    model_name = name[len("timm:"):]
+    try:
+        hub_id, filename = timm_weights_source(model_name)
+    except UserError as error:
+        return Finding(FAIL, "models", f"{role} {name}: {error}", "check the name (timm.list_pretrained())")
+    cached = cached_timm_weights(model_name)
+    if cached:
+        return Finding(OK, "models", f"{role} {name}: cached ({cached})")
+    return download_finding(role, name, f"https://huggingface.co/{hub_id}/blob/main/{filename}",
+                            Path(HF_HUB_CACHE) / ("models--" + hub_id.replace("/", "--")))
 
 
 def check_models(inputs: RunInputs, configs: Sequence[TrainConfig]) -> List[Finding]:
@@ -367,15 +366,6 @@ def check_decoder(inputs: RunInputs, course_data: bool) -> Finding:
 
 # ---- the feature cache ------------------------------------------------------------------------------------------
 
-def encoder_shape(encoder: str, layer: int) -> Tuple[int, int, int]:
-    """(tokens per image, width, input image size) of an encoder's output."""
-    if encoder in CLIP_VITS:
-        image_size, patch_size, width, _ = CLIP_VITS[encoder]
-        return (image_size // patch_size) ** 2 + 1, width, image_size
-    built = load_image_encoder(encoder, pretrained=False, layer=layer)  # a file loads; timm builds random weights
-    return built.n_tokens, built.width, built.image_size
-
-
 def check_feature_cache(configs: Sequence[TrainConfig], splits: Optional[List[CaptionSplit]],
                         expected_images: int) -> List[Finding]:
     """The cache's size per encoder and the free disk for it. `splits`: the P2 splits, or None when they did not
@@ -387,7 +377,7 @@ def check_feature_cache(configs: Sequence[TrainConfig], splits: Optional[List[Ca
     for encoder, layer, cache_dir in sorted({(c.model.encoder, c.model.encoder_layer, c.cache_dir) for c in configs
                                              if c.cache_features}):
         try:
-            tokens, width, image_size = encoder_shape(encoder, layer)
+            tokens, width, image_size = encoder_token_shape(encoder)
         except UserError as error:
             findings.append(Finding(FAIL, "feature cache", str(error), "give an encoder that loads"))
             continue
