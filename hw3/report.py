@@ -287,10 +287,12 @@ def scst_table(figure: Figure, y: float, runs: Dict[str, Tuple[dict, Optional[di
 
 
 def encoder_name(summary: dict) -> str:
-    """The run's frozen encoder as the table shows it: a CLIP or timm name, or a file's name."""
+    """The run's frozen encoder, short enough for a table column: a CLIP name, a timm architecture up to its patch
+    size with its weights' tag (timm:vit_so400m_patch14_siglip_384.webli -> vit_so400m.webli), or a file's name."""
     encoder = summary.get("encoder") or "-"
     if encoder.startswith("timm:"):
-        return encoder[len("timm:"):]
+        architecture, _, tag = encoder[len("timm:"):].partition(".")
+        return architecture.split("_patch")[0] + (f".{tag.split('@')[0]}" if tag else "")
     return Path(encoder).name if encoder.endswith((".pt", ".pth", ".bin", ".safetensors")) else encoder
 
 
@@ -313,11 +315,12 @@ def p2_pages(inputs: Inputs) -> List[Figure]:
              str(s["best_epoch"]), f"{s['best']['CIDEr']:.4f}", f"{s['best']['CLIPScore']:.4f}",
              f"beam {s['decode']['beam_size']}"] for name, s in summaries.items()]
     y = write(figure, 0.93, "Validation scores of the best epoch of each run (val CIDEr picks the epoch): one run "
-                            "per PEFT method, and any encoder candidates. Trainable parameters are counted on the "
-                            "saved checkpoint, which holds only them (the limit is < 35M), and while training "
-                            "(prefix tuning may train an MLP that the checkpoint stores collapsed).")
-    y = table(figure, y, ["run", "method", "frozen encoder", "checkpoint params", "trained params", "best epoch",
-                          "CIDEr", "CLIPScore", "decoding"], rows, bold_row=names.index(best))
+                            "per PEFT method, and any encoder candidates, with the frozen encoder each reads. "
+                            "Trainable parameters are counted on the saved checkpoint, which holds only them (the "
+                            "limit is < 35M), and while training (prefix tuning may train an MLP that the "
+                            "checkpoint stores collapsed).")
+    y = table(figure, y, ["run", "method", "encoder", "saved", "trained", "epoch", "CIDEr", "CLIPScore", "decoding"],
+              rows, bold_row=names.index(best))
     text = f"Best setting by val CIDEr: {best} ({summaries[best]['best']['CIDEr']:.4f} CIDEr, " \
            f"{summaries[best]['best']['CLIPScore']:.4f} CLIPScore). Config files: " + \
            "; ".join(f"{name}: {s['config_file']}" for name, s in summaries.items()) + "."

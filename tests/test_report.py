@@ -230,7 +230,7 @@ def test_encoder_candidates_get_a_row_each_and_the_best_run_of_a_method_its_curv
     assert sorted(inputs.summaries) == ["siglip_adapter", "toy_adapter", "toy_lora", "toy_prefix"]
     assert report.best_run_per_method(inputs.summaries) == {"adapter": "siglip_adapter", "prefix": "toy_prefix",
                                                             "lora": "toy_lora"}
-    assert report.encoder_name(inputs.summaries["siglip_adapter"]) == "vit_so400m_patch14_siglip_384.webli"
+    assert report.encoder_name(inputs.summaries["siglip_adapter"]) == "vit_so400m.webli"
     assert report.encoder_name(inputs.summaries["toy_lora"]) == "clip.pt"
     out = tmp_path / "r.pdf"
     build(folders, out, capsys)
