@@ -23,7 +23,7 @@ Sections, each through the project's own code path (random weights: nothing is d
             feature-cache size and build time, training step and projected peak at the config's batch, validation
             captions at its val_batch_size. All 2080 Ti figures are projections (measured only with --device cuda)
 
-Sizes (GRADER.md): P1 2500 val images of 32 x 32 px (homework 1's P1 images); P2 1404 test images, 10604 train +
+Sizes (the assignment and the course data): P1 2500 val images of 32 x 32 px (homework 1's P1 images); P2 1404 test images, 10604 train +
 1789 val images with about 5 captions each. Limits on an RTX 2080 Ti 11 GB: hw3_1.sh 10 min, hw3_2.sh 40 min;
 training has none.
 

@@ -197,7 +197,7 @@ def test_concurrent_builds_share_one_complete_world(tmp_path):
 
 @pytest.mark.slow
 def test_two_builds_at_once_give_byte_identical_models(tmp_path):
-    """Issue 18: the weights depend on the seed alone, not on the load (two builds share the cores) or the folder."""
+    """The weights depend on the seed alone, not on the load (two builds share the cores) or the folder."""
     command = [sys.executable, "-c", "import sys; from hw3.toy.world import build_toy_world; "
                                      "build_toy_world(sys.argv[1], small=True, seed=2)"]
     processes = [subprocess.Popen(command + [str(tmp_path / name)], cwd=ROOT, stdout=subprocess.PIPE,
