@@ -161,7 +161,7 @@ def test_report_pages_and_numbers_come_from_the_result_files(tmp_path, capsys):
         text = subprocess.run(["pdftotext", "-layout", str(out), "-"], capture_output=True, text=True).stdout
         flat = " ".join(text.split())
         for expected in ["TOY WORLD", "feedc0ffee123456", "0.890", "This is not a photo of {object}", "69.52",
-                         "70.52", "81.40%", "12,346", "0.9200", "0.7020", "Best setting by val CIDEr: lora",
+                         "70.52", "81.40%", "12,346", "0.9200", "0.7020", "Best setting by val CIDEr: toy_lora",
                          "CIDEr 0.9345", "top1 by CLIPScore: 111 (CLIPScore 0.8765", "last1", "0.4321",
                          "2.50x", "meets the 2x target", "Objects in the image: orange star",
                          "1 of them present", "Layer 1 grounds best: 30.0%"]:
