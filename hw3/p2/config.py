@@ -111,7 +111,9 @@ class TrainConfig:
     seed: int = option(0, "seeds the model's new weights, the data order and each step's randomness")
     cache_features: bool = option(False, "encode every image once, keep the tokens (fp16) in cache_dir, train "
                                          "from them")
-    cache_dir: str = option("~/.cache/dlcv-hw3/features", "shared by runs with the same encoder and images")
+    cache_dir: str = option("$HW3_CACHE/features", "shared by runs with the same encoder and images; a leading "
+                                                   "$HW3_CACHE is that variable's value when the cache is used, else "
+                                                   "~/.cache/dlcv-hw3 (hw3.p2.data.resolve_cache_dir)")
     num_workers: int = option(4, "image-reading processes (cached features are read in the main process)")
     val_every: int = option(0, "optimizer steps between validations; 0 = after every epoch")
     val_images: int = option(0, "validate on the first N val images only (0 = all; CIDEr then uses their "
