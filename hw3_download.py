@@ -1,6 +1,6 @@
 """Fetches the trained checkpoints (sha256-verified) and pre-loads the pretrained backbones that checkpoints.json
-lists, plus the image encoder each fetched checkpoint names in its metadata (and no other): what `bash
-hw3_download.sh` runs (hw3/common/download.py).
+lists, plus the image encoder that each fetched checkpoint's config in checkpoints.json names (and no other): what
+`bash hw3_download.sh` runs (hw3/common/download.py).
 
 Exit status: 0 all done; 1 a download, checksum or backbone failed; 2 bad arguments or manifest; 3 a checkpoint is
 not published yet and not present.

@@ -1,6 +1,6 @@
 """Problem 3: caption images and draw each word's cross-attention over the image (hw3/p3/commands.py).
 
-    python3 p3_attention.py IMAGE_DIR --checkpoint best.safetensors --decoder decoder_model.bin [--out-dir DIR]
+    python3 p3_attention.py IMAGE_DIR --checkpoint best.pt --decoder decoder_model.bin [--out-dir DIR]
         one PNG per image (the course's layout) and attention.json (captions, words, settings)
     python3 p3_attention.py VAL_IMAGE_DIR --top-last PER_IMAGE_CSV --checkpoint ... --decoder ...
         only the top-1 and last-1 images by CLIPScore of p2_evaluate.py's --per-image-csv (top1_*.png, last1_*.png)
@@ -29,7 +29,7 @@ from hw3.toy.world import ToyWorld
 
 def add_model_options(parser: argparse.ArgumentParser, in_world: bool = False) -> None:
     """The captioner's options; `in_world`: the decoder and encoder default to the toy world's."""
-    parser.add_argument("--checkpoint", help=f"trained captioner, e.g. best.safetensors of p2_train.py "
+    parser.add_argument("--checkpoint", help=f"trained captioner, e.g. best.pt of p2_train.py "
                                              f"({default_checkpoint_help()})")
     parser.add_argument("--decoder", required=not in_world, help="the course's decoder_model.bin (GPT-2)"
                                                                  + (" (default: the world's)" if in_world else ""))

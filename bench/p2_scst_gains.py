@@ -39,7 +39,7 @@ def evaluate(world: ToyWorld, run_dir: str) -> dict:
     predictions, scores = os.path.join(run_dir, "hw3_2_val.json"), os.path.join(run_dir, "hw3_2_val_scores.json")
     started = time.time()
     run(["bash", "hw3_2.sh", str(layout.p2_images("val")), predictions, str(world.decoder),
-         "--checkpoint", os.path.join(run_dir, "best.safetensors"), "--encoder", str(world.clip)])
+         "--checkpoint", os.path.join(run_dir, "best.pt"), "--encoder", str(world.clip)])
     decode_seconds = time.time() - started
     run([sys.executable, "p2_evaluate.py", "--pred_file", predictions, "--images_root", str(layout.p2_images("val")),
          "--annotation_file", str(layout.p2_annotations("val")), "--clip-model", str(world.clip), "--json-out", scores])

@@ -237,7 +237,7 @@ def toy_checkpoint(toy_world_small, tmp_path_factory):
                            cross_attn_heads=2, peft=["adapter"], adapter_size=8, encoder_layer=-3)
     torch.manual_seed(0)
     model = build_caption_model(config, str(world.decoder))
-    path = tmp_path_factory.mktemp("run") / "best.safetensors"
+    path = tmp_path_factory.mktemp("run") / "best.pt"
     save_trainable(model, str(path))
     return path
 
@@ -320,7 +320,7 @@ def test_grounding_cli_writes_a_per_layer_table_and_auto_layer_uses_it(toy_world
 
 
 def test_grounding_cli_rejects_a_folder_that_is_no_toy_world(tmp_path, capsys):
-    assert p3_attention("grounding", str(tmp_path), "--checkpoint", str(tmp_path / "none.safetensors")) \
+    assert p3_attention("grounding", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")) \
         == EXIT_USER_ERROR
     assert "is not a built toy world" in capsys.readouterr().err
 
@@ -361,7 +361,7 @@ def test_notebook_imports_the_library_and_takes_decode_settings_from_decode_conf
             elif isinstance(node, ast.ImportFrom):
                 imported.add(node.module.split(".")[0])
     assert "hw3" in imported and not imported & scripts
-    monkeypatch.setenv("P3_CHECKPOINT", "best.safetensors")
+    monkeypatch.setenv("P3_CHECKPOINT", "best.pt")
     monkeypatch.delenv("P3_BEAM_SIZE", raising=False)
     parameters = {}
     exec(code[0], parameters)

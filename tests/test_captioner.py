@@ -1,5 +1,6 @@
 """captioner.py + image_encoder.py: encoders, cross-attention, freezing, decoding API, parameter budget, checkpoints."""
 import dataclasses
+import hashlib
 
 import clip
 import pytest
@@ -8,8 +9,8 @@ from clip.model import CLIP
 from PIL import Image
 
 from decoder import Decoder, GPTConfig, course_state_dict, select_batch
-from hw3.p2.checkpoint import (count_checkpoint_params, load_captioner, load_trainable, read_checkpoint,
-                               save_trainable, tensors_sha256)
+from hw3.p2.checkpoint import (CheckpointError, count_checkpoint_params, load_captioner, load_trainable,
+                               read_checkpoint, save_trainable, tensors_sha256)
 from hw3.p2.encoder import clip_vit_tokens, load_image_encoder
 from hw3.p2.model import (MAX_TRAINABLE, CaptionConfig, CaptionModel, build_caption_model, load_decoder,
                           parameter_table, trainable_state_dict)
@@ -180,10 +181,13 @@ def test_checkpoint_round_trip_holds_only_trainable_tensors(files, tmp_path, rec
     model = build_caption_model(tiny_config(files[0], recipe), files[1])
     randomise_trainable(model)
     model.eval()  # saving in eval mode: LoRA weights are merged, only lora_A/B are saved
-    path = str(tmp_path / "sub" / "model.safetensors")
+    path = str(tmp_path / "sub" / "model.pt")
     count = save_trainable(model, path)
     saved = trainable_state_dict(model)
     assert count == count_checkpoint_params(path) == sum(t.numel() for t in saved.values())
+    raw = torch.load(path, map_location="cpu")  # the course's format: a plain dict of tensors, nothing else
+    assert type(raw) is dict and set(raw) == set(saved) and all(type(t) is torch.Tensor for t in raw.values())
+    assert (tmp_path / "sub" / "model.config.json").is_file()
     if recipe in ("prefix", "all"):
         assert "prefix.prefixes" in saved and not any("prefix.mlp" in key for key in saved)
     tokens = model.encode_images(IMAGES)
@@ -200,31 +204,38 @@ def test_checkpoint_round_trip_holds_only_trainable_tensors(files, tmp_path, rec
             assert torch.allclose(resumed.eval()(IDS, tokens), model(IDS, tokens), atol=1e-5)
 
 
-def test_the_tensors_digest_ignores_the_metadata_and_sees_every_value(files, tmp_path):
+def test_the_tensors_digest_ignores_the_config_and_sees_every_value(files, tmp_path):
     """numbers.json's checkpoint digest: the same weights with the encoder at another path digest alike."""
     model = build_caption_model(tiny_config(files[0], "adapter"), files[1]).eval()
     randomise_trainable(model)
-    save_trainable(model, str(tmp_path / "a.safetensors"))
+    save_trainable(model, str(tmp_path / "a.pt"))
     model.config = dataclasses.replace(model.config, encoder="/elsewhere/clip.pt")
-    save_trainable(model, str(tmp_path / "b.safetensors"))
-    assert (tmp_path / "a.safetensors").read_bytes() != (tmp_path / "b.safetensors").read_bytes()
-    assert tensors_sha256(str(tmp_path / "a.safetensors")) == tensors_sha256(str(tmp_path / "b.safetensors"))
+    save_trainable(model, str(tmp_path / "b.pt"))
+    assert (tmp_path / "a.config.json").read_bytes() != (tmp_path / "b.config.json").read_bytes()
+    assert tensors_sha256(str(tmp_path / "a.pt")) == tensors_sha256(str(tmp_path / "b.pt"))
     with torch.no_grad():
         next(p for p in model.parameters() if p.requires_grad).view(-1)[0] += 1e-3
-    save_trainable(model, str(tmp_path / "c.safetensors"))
-    assert tensors_sha256(str(tmp_path / "c.safetensors")) != tensors_sha256(str(tmp_path / "a.safetensors"))
+    save_trainable(model, str(tmp_path / "c.pt"))
+    assert tensors_sha256(str(tmp_path / "c.pt")) != tensors_sha256(str(tmp_path / "a.pt"))
+
+
+def test_the_tensors_digest_is_the_committed_definition(tmp_path):
+    """sorted names, then per tensor "name:dtype:shape:" and its raw bytes: the digests in demo_numbers.json."""
+    tensors = {"b": torch.arange(3, dtype=torch.float32), "a": torch.ones(2, 2, dtype=torch.float16)}
+    torch.save(tensors, str(tmp_path / "t.pt"))
+    expected = hashlib.sha256(b"a:torch.float16:[2, 2]:" + tensors["a"].numpy().tobytes()
+                              + b"b:torch.float32:[3]:" + tensors["b"].numpy().tobytes()).hexdigest()
+    assert tensors_sha256(str(tmp_path / "t.pt")) == expected
 
 
 def test_bad_checkpoints_fail_naming_the_keys(files, tmp_path):
     model = build_caption_model(tiny_config(files[0], "adapter"), files[1])
-    path = str(tmp_path / "model.safetensors")
+    path = str(tmp_path / "model.pt")
     save_trainable(model, path)
-    from safetensors.torch import load_file, save_file
-    tensors = {key: t.clone() for key, t in load_file(path).items()}  # clone: the file is memory-mapped
-    metadata = {"caption_config": model.config.to_json()}
+    tensors = torch.load(path)
 
     def rewrite(changed):
-        save_file(changed, path, metadata=metadata)
+        torch.save(changed, path)
 
     rewrite({k: v for k, v in tensors.items() if k != "image_ln.bias"})
     with pytest.raises(ValueError, match=r"lacks trained tensors: \['image_ln.bias'\]"):
@@ -235,10 +246,14 @@ def test_bad_checkpoints_fail_naming_the_keys(files, tmp_path):
     rewrite(dict(tensors, **{"image_ln.bias": torch.zeros(5)}))
     with pytest.raises(ValueError, match="wrong shape.*image_ln.bias"):
         load_captioner(path, files[1])
+    rewrite(dict(tensors, **{"decoder.transformer.h.1.ln_2.weight_extra": torch.zeros(3),
+                             "image_ln.bias": torch.zeros(5)}))
+    with pytest.raises(ValueError, match="(?s)unknown tensors.*weight_extra.*wrong shape.*image_ln.bias"):
+        load_captioner(path, files[1])  # every problem at once
     rewrite(tensors)
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match=r"model.pt is not a captioner checkpoint .*PyTorch cannot load it"):
         load_captioner(path, files[1])
 
 
@@ -285,7 +300,7 @@ def test_real_size_recipes_fit_the_budget(vit_l14, tmp_path, recipe):
     saved = sum(t.numel() for t in trainable_state_dict(model).values())
     assert saved == expected < MAX_TRAINABLE
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) < MAX_TRAINABLE
-    path = str(tmp_path / "model.safetensors")
+    path = str(tmp_path / "model.pt")
     assert save_trainable(model, path) == count_checkpoint_params(path) == expected
     print(f"\n{recipe}:\n{parameter_table(model)}")
 

@@ -226,7 +226,7 @@ BROKEN = """
 ```bash
 python3 p2_train.py --config configs/adapter.yaml --no-such-flag 3
 bash no_such_script.sh hw3_data
-python3 p3_attention.py IMAGES --checkpoint best.safetensors
+python3 p3_attention.py IMAGES --checkpoint best.pt
 ```
 Inline: `bash setup.sh --fast`, `python3 nowhere/else.py --x` and `bash hw3_2.sh IMAGES OUT.json DECODER
 --beamsize 5`.
@@ -263,7 +263,7 @@ def test_the_check_catches_a_made_up_option_script_or_missing_required_option(he
     assert problems == [
         "BROKEN:3: p2_train.py --config configs/adapter.yaml --no-such-flag 3: p2_train.py has no option --no-such-flag",
         "BROKEN:4: no_such_script.sh hw3_data: no script no_such_script.sh in the repository",
-        "BROKEN:5: p3_attention.py IMAGES --checkpoint best.safetensors: p3_attention.py requires --decoder",
+        "BROKEN:5: p3_attention.py IMAGES --checkpoint best.pt: p3_attention.py requires --decoder",
         "BROKEN:7: setup.sh --fast: setup.sh takes no arguments",
         "BROKEN:7: nowhere/else.py --x: no script nowhere/else.py in the repository",
         "BROKEN:7: hw3_2.sh IMAGES OUT.json DECODER --beamsize 5: p2_inference.py has no option --beamsize",

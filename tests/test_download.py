@@ -11,6 +11,7 @@ import sys
 import threading
 import types
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -18,6 +19,7 @@ import hw3_download
 from hw3.common import download, manifest as checkpoints_manifest
 from hw3.common.download import BAD_INPUT, FAILED, NOT_PUBLISHED, OK
 from hw3.common.errors import run_cli
+from hw3.common.files import sha256_file
 from hw3.common.manifest import ManifestError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +71,8 @@ def server():
 
 
 def write_manifest(tmp_path, **entry):
-    checkpoint = dict({"name": "p2_best", "path": "checkpoints/p2_best.safetensors", "made_by": "p2_train.py"}, **entry)
+    checkpoint = dict({"name": "p2_best", "path": "checkpoints/p2_best.pt", "made_by": "p2_train.py",
+                       "config": {"encoder": "ViT-B/32", "peft": ["adapter"]}}, **entry)
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps({"checkpoints": [checkpoint], "backbones": [{"library": "clip", "name": "ViT-B/32"}]}))
     return path
@@ -90,7 +93,7 @@ def run_main(argv) -> int:
 
 def test_good_download_then_second_run_skips_it(server, tmp_path):
     manifest = write_manifest(tmp_path, url=server.url + "/good.bin", sha256=SHA_GOOD)
-    dest = tmp_path / "out" / "checkpoints" / "p2_best.safetensors"
+    dest = tmp_path / "out" / "checkpoints" / "p2_best.pt"
     first = run_script(manifest, tmp_path / "out")
     assert first.returncode == OK, first.stderr
     assert dest.read_bytes() == GOOD
@@ -116,7 +119,7 @@ def test_corrupt_or_missing_download_leaves_nothing(server, tmp_path, path, mess
 
 def test_file_with_another_hash_is_replaced_and_kept_aside(server, tmp_path):
     manifest = write_manifest(tmp_path, url=server.url + "/good.bin", sha256=SHA_GOOD)
-    dest = tmp_path / "out" / "checkpoints" / "p2_best.safetensors"
+    dest = tmp_path / "out" / "checkpoints" / "p2_best.pt"
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"a checkpoint trained here")
     result = run_script(manifest, tmp_path / "out")
@@ -131,7 +134,7 @@ def test_unpublished_checkpoint_is_reported_not_silently_ok(tmp_path):
     assert result.returncode == NOT_PUBLISHED
     assert "not published yet: train it with p2_train.py" in result.stderr
 
-    dest = tmp_path / "out" / "checkpoints" / "p2_best.safetensors"
+    dest = tmp_path / "out" / "checkpoints" / "p2_best.pt"
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"trained locally")
     result = run_script(manifest, tmp_path / "out")
@@ -144,6 +147,9 @@ def test_unpublished_checkpoint_is_reported_not_silently_ok(tmp_path):
     ({"url": "http://127.0.0.1/x.bin", "sha256": "abc"}, "needs its sha256"),
     ({"path": "../outside.bin"}, "stay inside"),
     ({"path": "/abs/p2.bin"}, "stay inside"),
+    ({"url": "http://127.0.0.1/x.bin", "sha256": "a" * 64, "config": None}, "needs its 'config'"),
+    ({"config": ["ViT-L/14"]}, "'config' must be the CaptionConfig object"),
+    ({"config": {"peft": ["adapter"]}}, "'config' must be the CaptionConfig object"),
 ])
 def test_bad_manifest_entries_are_rejected(tmp_path, capsys, entry, message):
     with pytest.raises(ManifestError, match=message):
@@ -182,11 +188,11 @@ def test_bad_arguments_exit_with_status_2(capsys):
 
 def test_repo_manifest_lists_the_default_backbones():
     checkpoints, backbones = checkpoints_manifest.load_manifest(ROOT / "checkpoints.json")
-    assert [c.path for c in checkpoints] == ["checkpoints/p2_best.safetensors"]
+    assert [c.path for c in checkpoints] == ["checkpoints/p2_best.pt"]
     assert all(c.made_by for c in checkpoints)
     names = {(b.library, b.name) for b in backbones}
     assert {("clip", "ViT-L/14"), ("clip", "ViT-B/32")} <= names
-    assert checkpoints_manifest.checkpoint_path("p2_best") == ROOT / "checkpoints" / "p2_best.safetensors"
+    assert checkpoints_manifest.checkpoint_path("p2_best") == ROOT / "checkpoints" / "p2_best.pt"
     with pytest.raises(ManifestError, match="no checkpoint named"):
         checkpoints_manifest.checkpoint_path("p9")
 
@@ -231,13 +237,15 @@ def test_backbones_are_preloaded_after_checkpoints_and_failures_do_not_stop_the_
     assert run_main(["--manifest", str(manifest), "--dest-root", str(tmp_path), "--skip-backbones"]) == OK
 
 
-def write_checkpoint(path: Path, encoder: str) -> Path:
-    """A trained-checkpoint file as hw3/p2/checkpoint.py writes it: tensors + the CaptionConfig JSON in its metadata."""
+def write_checkpoint(path: Path, encoder: Optional[str] = None) -> Path:
+    """A trained-checkpoint file as hw3/p2/checkpoint.py writes it: the tensors, and with `encoder` the config file
+    beside it."""
     import torch
-    from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"image_proj.weight": torch.zeros(2, 2)}, str(path),
-              metadata={"caption_config": json.dumps({"encoder": encoder, "peft": ["adapter"]})})
+    torch.save({"image_proj.weight": torch.zeros(2, 2)}, str(path))
+    if encoder is not None:
+        config = {"caption_config": {"encoder": encoder, "peft": ["adapter"]}}
+        checkpoints_manifest.config_path(path).write_text(json.dumps(config))
     return path
 
 
@@ -248,22 +256,40 @@ def write_checkpoint(path: Path, encoder: str) -> Path:
     ("ViT-L/14@336px", [("clip", "ViT-L/14@336px")]),
     ("timm:vit_base_patch16_clip_quickgelu_224.openai@/toy/clip.pt", []),  # a local file: nothing to download
 ])
-def test_the_checkpoints_encoder_and_no_other_is_preloaded(monkeypatch, tmp_path, capsys, encoder, expected):
-    """hw3_download pre-loads the manifest's CLIP models, then exactly the encoder the fetched checkpoint's metadata
-    names; never the other candidate towers."""
+@pytest.mark.parametrize("published", [True, False])
+def test_the_checkpoints_encoder_and_no_other_is_preloaded(monkeypatch, tmp_path, capsys, encoder, expected,
+                                                           published):
+    """hw3_download pre-loads the manifest's CLIP models, then exactly the encoder the checkpoint's config names
+    (published: its checkpoints.json entry's, not a config file beside it; trained here: the config file beside it);
+    never the other candidate towers."""
     loaded = []
     monkeypatch.setitem(sys.modules, "clip", types.SimpleNamespace(
         available_models=lambda: ["ViT-B/32", "ViT-L/14", "ViT-L/14@336px"],
         load=lambda name, device, jit: loaded.append(("clip", name))))
     monkeypatch.setattr(download, "timm_weights_file", lambda name: loaded.append(("timm", name)) or "/cache/w.bin")
     monkeypatch.setattr(hw3_download, "load_encoder_offline", lambda name: loaded.append(("verified", name)))
+    checkpoint = write_checkpoint(tmp_path / "checkpoints" / "p2_best.pt", None if published else encoder)
+    entry = {"name": "p2_best", "path": "checkpoints/p2_best.pt", "url": "", "sha256": ""}
+    if published:  # already fetched: its sha256 matches, so nothing is downloaded
+        entry.update(url="http://127.0.0.1:9/p2_best.pt", sha256=sha256_file(checkpoint),
+                     config={"encoder": encoder, "peft": ["adapter"]})
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({
-        "checkpoints": [{"name": "p2_best", "path": "checkpoints/p2_best.safetensors", "url": "", "sha256": ""}],
+        "checkpoints": [entry],
         "backbones": [{"library": "clip", "name": "ViT-L/14"}, {"library": "clip", "name": "ViT-B/32"}]}))
-    write_checkpoint(tmp_path / "checkpoints" / "p2_best.safetensors", encoder)
     assert run_main(["--manifest", str(manifest), "--dest-root", str(tmp_path)]) == OK, capsys.readouterr().err
     assert loaded == [("clip", "ViT-L/14"), ("clip", "ViT-B/32")] + expected
+
+
+def test_a_checkpoint_without_a_config_preloads_no_encoder(monkeypatch, tmp_path, capsys):
+    loaded = []
+    monkeypatch.setitem(sys.modules, "clip", types.SimpleNamespace(
+        available_models=lambda: ["ViT-B/32"], load=lambda name, device, jit: loaded.append(("clip", name))))
+    manifest = write_manifest(tmp_path, url="", sha256="", config=None)
+    write_checkpoint(tmp_path / "out" / "checkpoints" / "p2_best.pt")  # trained here, its config file lost
+    assert run_main(["--manifest", str(manifest), "--dest-root", str(tmp_path / "out")]) == OK
+    assert loaded == [("clip", "ViT-B/32")]
+    assert "no config names its image encoder" in capsys.readouterr().err
 
 
 def test_no_checkpoint_no_encoder_preloaded(monkeypatch, tmp_path, capsys):

@@ -266,7 +266,7 @@ def test_toy_world_p2_numbers_are_the_same_through_timm(toy_world, toy_run):
     from hw3.p2.generation import DecodeConfig
     from hw3.p2.inference import caption_files
     world = ToyWorld(toy_world)
-    checkpoint = str(toy_run("lora") / "best.safetensors")
+    checkpoint = str(toy_run("lora") / "best.pt")
     paths = list_image_files(world.layout.p2_images("val"))[:100]
     for decode in (DecodeConfig(beam_size=1), DecodeConfig()):
         captions = [caption_files(load_captioner(checkpoint, str(world.decoder), encoder=encoder), paths, decode,

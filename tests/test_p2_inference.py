@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import p2_inference
 from decoder import GPTConfig
 from hw3.common.errors import run_cli
-from hw3.common.manifest import checkpoint_path
+from hw3.common.manifest import checkpoint_path, config_path
 from hw3.p2.checkpoint import read_checkpoint, save_trainable
 from hw3.p2.generation import DecodeConfig
 from hw3.p2.model import CaptionConfig, build_caption_model
@@ -44,7 +43,7 @@ def toy_checkpoint(toy_world_small, tmp_path_factory):
         for param in model.parameters():
             if param.requires_grad:
                 param.copy_(torch.randn_like(param) * 0.02)
-    path = tmp_path_factory.mktemp("checkpoint") / "toy.safetensors"
+    path = tmp_path_factory.mktemp("checkpoint") / "toy.pt"
     save_trainable(model, str(path))
     return path
 
@@ -114,8 +113,10 @@ def checkpoint_error(toy_world_small, checkpoint, tmp_path, capsys) -> str:
 
 
 def rewrite_checkpoint(source, target, change):
-    config, tensors = read_checkpoint(str(source))
-    save_file(change(dict(tensors)), str(target), metadata={"caption_config": config.to_json()})
+    """`change`d tensors of checkpoint `source` at `target`, with the config beside it."""
+    tensors = read_checkpoint(str(source))[1]
+    torch.save(change(dict(tensors)), str(target))
+    shutil.copy(config_path(source), config_path(target))
     return target
 
 
@@ -126,7 +127,7 @@ def test_bad_checkpoints_fail_naming_the_keys(toy_world_small, toy_checkpoint, t
         tensors[key.replace("q_proj", "query_proj")] = tensors.pop(key)
         return tensors
 
-    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "r.st", renamed),
+    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "r.pt", renamed),
                                tmp_path, capsys)
     assert "unknown tensors" in message and "query_proj" in message
     assert "lacks trained tensors" in message and key in message
@@ -137,7 +138,7 @@ def test_bad_checkpoints_fail_naming_the_keys(toy_world_small, toy_checkpoint, t
         del tensors[adapter_key]
         return tensors
 
-    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "d.st", dropped),
+    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "d.pt", dropped),
                                tmp_path, capsys)
     assert "lacks trained tensors" in message and adapter_key in message and "unknown" not in message
 
@@ -145,19 +146,21 @@ def test_bad_checkpoints_fail_naming_the_keys(toy_world_small, toy_checkpoint, t
         tensors[key] = tensors[key][:, :-1].contiguous()
         return tensors
 
-    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "s.st", reshaped),
+    message = checkpoint_error(toy_world_small, rewrite_checkpoint(toy_checkpoint, tmp_path / "s.pt", reshaped),
                                tmp_path, capsys)
     assert "wrong shape" in message and key in message
 
-    truncated = tmp_path / "truncated.safetensors"
+    truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(toy_checkpoint.read_bytes()[:5000])
-    assert "cannot read checkpoint" in checkpoint_error(toy_world_small, truncated, tmp_path, capsys)
+    shutil.copy(config_path(toy_checkpoint), config_path(truncated))
+    message = checkpoint_error(toy_world_small, truncated, tmp_path, capsys)
+    assert f"{truncated} is not a captioner checkpoint" in message and len(message.splitlines()) == 1
 
 
 def test_missing_checkpoint_says_to_run_the_download_script(toy_world_small, tmp_path):
     result = run_hw3_2(tmp_path, tmp_path / "pred.json", toy_world_small / "decoder_model.bin",
-                       "--checkpoint", tmp_path / "nowhere.safetensors")
-    assert result.returncode != 0 and "hw3_download.sh" in result.stderr and "nowhere.safetensors" in result.stderr
+                       "--checkpoint", tmp_path / "nowhere.pt")
+    assert result.returncode != 0 and "hw3_download.sh" in result.stderr and "nowhere.pt" in result.stderr
     assert not (tmp_path / "pred.json").exists()
 
 

@@ -178,12 +178,12 @@ def test_scst_stage_through_the_cli(tmp_path, capsys):
     assert main(["--init", str(xe), "--config", TOY_SCST, "--out", str(scst), "--epochs", "2",
                  "--set", "scst.samples=3", "scst.max_length=8"]) == 0
     summary = json.loads((scst / "summary.json").read_text())
-    assert summary["stage"] == "scst" and summary["init"] == str(xe / "best.safetensors")
+    assert summary["stage"] == "scst" and summary["init"] == str(xe / "best.pt")
     assert summary["method"] == "lora" and str(mini) in summary["data"]  # from the --init run's config
     assert [set(e) >= {"reward", "sample_cider", "sample_ended", "CIDEr"} for e in summary["epochs"]] == [True] * 2
     records = [json.loads(line) for line in (scst / "log.jsonl").read_text().splitlines()]
     assert all("reward" in r for r in records if r["type"] == "train")
-    assert (scst / "curves.png").is_file() and (scst / "best.safetensors").is_file()
+    assert (scst / "curves.png").is_file() and (scst / "best.pt").is_file()
     # the same command again: a finished run of the same config, nothing to do
     assert main(["--init", str(xe), "--config", TOY_SCST, "--out", str(scst), "--epochs", "2",
                  "--set", "scst.samples=3", "scst.max_length=8"]) == 0
@@ -211,7 +211,7 @@ def hw3_2_scores(toy_world, run_dir):
     p2 = toy_world / "hw3_data" / "p2_data"
     out = run_dir / "hw3_2_val.json"
     command = ["bash", "hw3_2.sh", str(p2 / "images" / "val"), str(out), str(toy_world / "decoder_model.bin"),
-               "--checkpoint", str(run_dir / "best.safetensors"), "--encoder", str(toy_world / "clip.pt")]
+               "--checkpoint", str(run_dir / "best.pt"), "--encoder", str(toy_world / "clip.pt")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
                             env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))  # python3
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,8 +10,9 @@ already there (trained locally). Publishing one: upload the file, then fill in i
 
 Backbones are loaded once so that their weights sit in the usual caches (~/.cache/clip for OpenAI CLIP,
 ~/.cache/huggingface/hub for timm) before the graded scripts run: the manifest's list (the CLIP models P1 and the scorer
-use), then the image encoder that each checkpoint's own metadata names (CaptionConfig.encoder, hw3/p2/checkpoint.py),
-and nothing else. They come after the checkpoints, and every item is attempted even when an earlier one failed.
+use), then the image encoder that each present checkpoint's config names (CaptionConfig.encoder: its checkpoints.json
+entry's "config", or for a checkpoint trained here the .config.json beside it), and nothing else. They come after the
+checkpoints, and every item is attempted even when an earlier one failed.
 
 timm weights (`timm_weights_file`): the file that timm's pretrained config names (hub id + file name, timm 0.9.10's
 broken ids fixed: `timm_weights_source`), fetched with huggingface_hub into its cache, where hw3/p2/encoder.py finds
@@ -32,8 +33,8 @@ from typing import Callable, List, Optional, Tuple
 from urllib.parse import urlparse
 
 from hw3.common.errors import EXIT_USER_ERROR, UserError
-from hw3.common.files import sha256_file
-from hw3.common.manifest import Backbone, Checkpoint, load_manifest
+from hw3.common.files import read_json, sha256_file
+from hw3.common.manifest import Backbone, Checkpoint, config_path, load_manifest
 
 # BAD_INPUT is run_cli's status for the ManifestError that download_all raises, and argparse's for bad arguments.
 OK, FAILED, BAD_INPUT, NOT_PUBLISHED = 0, 1, EXIT_USER_ERROR, 3
@@ -172,18 +173,16 @@ def timm_weights_file(model_name: str) -> str:
 
 # ---- backbones --------------------------------------------------------------------------------------------------
 
-def checkpoint_encoder(path: Path) -> Optional[str]:
-    """The image encoder a trained checkpoint's metadata names (CaptionConfig.encoder, stored as JSON under
-    "caption_config" by hw3/p2/checkpoint.py), or None when the file holds no such metadata."""
-    import json
-
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        encoder = json.loads(metadata["caption_config"])["encoder"]
-    except Exception:  # not a safetensors file, no caption_config, malformed JSON
-        return None
+def checkpoint_encoder(checkpoint: Checkpoint, path: Path) -> Optional[str]:
+    """The image encoder (CaptionConfig.encoder) of the checkpoint at `path`: from its manifest entry's config, else
+    (a checkpoint trained here, not published) from the .config.json beside the file; None when neither names one."""
+    config = checkpoint.config
+    if config is None:
+        try:
+            config = read_json(config_path(path), "checkpoint config").get("caption_config")
+        except (UserError, AttributeError):  # no config file, malformed JSON, not an object
+            return None
+    encoder = config.get("encoder") if isinstance(config, dict) else None
     return encoder if isinstance(encoder, str) else None
 
 
@@ -235,10 +234,10 @@ def backbones_to_preload(backbones: List[Backbone], checkpoints: List[Checkpoint
         path = dest_root / checkpoint.path
         if not path.is_file():
             continue
-        encoder = checkpoint_encoder(path)
+        encoder = checkpoint_encoder(checkpoint, path)
         if encoder is None:
-            print(f"{checkpoint.name}: {path} names no image encoder in its metadata; none pre-loaded for it",
-                  file=sys.stderr)
+            print(f"{checkpoint.name}: no config names its image encoder (neither its checkpoints.json entry nor "
+                  f"{config_path(path).name} beside {path}); none pre-loaded for it", file=sys.stderr)
             continue
         backbone = encoder_backbone(encoder)
         if backbone is None:

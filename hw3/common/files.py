@@ -14,7 +14,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, Tuple
 
 import torch
 
@@ -52,31 +52,87 @@ def check_writable(path, kind: str = "file") -> None:
         raise UserError(f"cannot write {path}: no write permission in {ancestor}")
 
 
+def write_together(writes: Sequence[Tuple[Any, Callable[[str], None]]]) -> None:
+    """Several files as one change: each `write(temporary path)` beside its target first, then every rename. When a
+    write fails (a full disk, an interruption), every temporary is removed and each target stays as it was; only
+    the renames, which need no space, lie between the previous set of files and the new one. Creates the parent
+    folders."""
+    pending = []  # (temporary, target)
+    try:
+        for path, write in writes:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pending.append((f"{path}.{os.getpid()}.tmp", path))
+            write(pending[-1][0])
+        for temporary, path in pending:
+            os.replace(temporary, path)
+    finally:
+        for temporary, _ in pending:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
 def write_atomically(path, write: Callable[[str], None]) -> None:
     """write(temporary path) beside `path`, then one atomic rename: an interruption or a failing `write` never leaves
     a half-written file at `path` (a previous file there stays as it was). Creates the parent folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_together([(path, write)])
 
 
-def write_text_atomically(path, text: str) -> None:
+def text_writer(text: str) -> Callable[[str], None]:
+    """A `write` for write_atomically / write_together: `text` as UTF-8."""
     def write(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as file:
             file.write(text)
-    write_atomically(path, write)
+    return write
+
+
+def json_writer(data: Any, **options) -> Callable[[str], None]:
+    """A `write` for write_atomically / write_together: JSON with ASCII escapes for anything outside ASCII, so every
+    string, file names with surrogate escapes included, loads back exactly."""
+    return text_writer(json.dumps(data, ensure_ascii=True, **options))
+
+
+class _QuietFile:
+    """The file object torch.save writes to: it never raises into torch, and keeps the first write error for
+    save_torch to raise once torch.save has returned."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.file.write(data)
+            except OSError as error:
+                self.error = error
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.file.flush()
+            except OSError as error:
+                self.error = error
+
+
+def save_torch(obj: Any, path) -> None:
+    """torch.save(obj) to `path`; a failed write (a full disk) raises its OSError after torch.save has returned.
+    torch 1.12 cannot fail a write safely: its zip writer raises, then throws again in its destructor, and that
+    aborts the whole process (std::terminate) instead of reaching any handler."""
+    with open(path, "wb") as file:
+        quiet = _QuietFile(file)
+        torch.save(obj, quiet)
+        if quiet.error is not None:
+            raise quiet.error
+
+
+def write_text_atomically(path, text: str) -> None:
+    write_atomically(path, text_writer(text))
 
 
 def write_json_atomically(path, data: Any, **options) -> None:
-    """JSON with ASCII escapes for anything outside ASCII, so every string, file names with surrogate escapes
-    included, loads back exactly."""
-    write_text_atomically(path, json.dumps(data, ensure_ascii=True, **options))
+    """JSON with ASCII escapes for anything outside ASCII (json_writer)."""
+    write_atomically(path, json_writer(data, **options))
 
 
 def write_csv_atomically(path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
@@ -114,7 +170,8 @@ def load_torch_file(path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu")
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, TypeError,
-            AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError) as error:
+            AttributeError, ImportError, IndexError, KeyError, UnicodeDecodeError, OSError) as error:
+        # OSError: torch's zip reader seeks past the end of a cut-off file (EINVAL)
         raise UserError(f"{path} is not {what}: PyTorch cannot load it ({type(error).__name__}: "
                         f"{str(error)[:200]})") from None
 

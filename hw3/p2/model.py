@@ -30,7 +30,7 @@ MAX_TRAINABLE = 35_000_000  # the assignment's limit, counted on the saved check
 
 @dataclass
 class CaptionConfig:
-    """Everything needed to rebuild a CaptionModel; stored as JSON in every checkpoint."""
+    """Everything needed to rebuild a CaptionModel; a checkpoint's .config.json holds it (hw3/p2/checkpoint.py)."""
     encoder: str = "ViT-L/14"  # see hw3/p2/encoder.py
     encoder_layer: int = -1  # which encoder block's tokens (Python-style index; -2: the penultimate block)
     decoder: GPTConfig = field(default_factory=GPTConfig)  # sizes must match decoder_model.bin; dropout is free

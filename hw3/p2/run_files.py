@@ -1,7 +1,9 @@
 """The files of a p2_train.py run folder (make_report.py and the tests read them):
 
-    best.safetensors      trainable tensors of the best validation (by CIDEr), prefixes collapsed: for inference
-    last.safetensors      trainable tensors of the latest state (prefix MLP kept)
+    best.pt               trainable tensors of the best validation (by CIDEr), prefixes collapsed: for inference and
+                          for publishing (the course's checkpoint format, hw3/p2/checkpoint.py)
+    best.config.json      its CaptionConfig ({"caption_config": {...}}), which rebuilds the model
+    last.pt               trainable tensors of the latest state (prefix MLP kept), and last.config.json
     resume.pt             the same tensors with the optimizer, scheduler, GradScaler, progress and config, in one
                           file, so what --resume reads is always one consistent state (a pickle: training only)
     log.jsonl             one JSON object per logged training step ("type": "train") and validation ("val")
@@ -9,12 +11,16 @@
     val_predictions.json  {image key: caption} of the best validation
     summary.json          the run in one object (read by the report builder)
     config.yaml           the resolved config of the run
-Only rank 0 writes (`active`). Every file appears whole or not at all (written beside, then renamed).
+Only rank 0 writes (`active`). A save (`RunFiles.save`) is one change: last.pt and resume.pt, with a new best also
+best.pt and val_predictions.json, with the summary also summary.json, are all written beside their targets first,
+then renamed into place (hw3.common.files.write_together): a failed save, e.g. on a full disk, leaves the previous
+set as it was and ends in one UserError. Every other file appears whole or not at all (written beside, renamed).
 """
 import dataclasses
 import datetime
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -26,12 +32,26 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from hw3.common.dotted import flatten  # noqa: E402
-from hw3.common.errors import UserError  # noqa: E402
-from hw3.common.files import (load_torch_file, read_json, write_atomically, write_json_atomically,  # noqa: E402
-                              write_text_atomically)
-from hw3.p2.checkpoint import count_checkpoint_params, save_trainable  # noqa: E402
+from hw3.common.errors import UserError, is_disk_full  # noqa: E402
+from hw3.common.files import (json_writer, load_torch_file, read_json, save_torch,  # noqa: E402
+                              write_text_atomically, write_together)
+from hw3.p2.checkpoint import (Writes, checkpoint_tensors, checkpoint_writes,  # noqa: E402
+                               count_checkpoint_params)
 from hw3.p2.config import DataPaths, TrainConfig  # noqa: E402
-from hw3.p2.model import CaptionModel, count_trainable, trainable_state_dict  # noqa: E402
+from hw3.p2.model import CaptionModel, count_trainable  # noqa: E402
+
+
+def tensor_bytes(value) -> int:
+    """The bytes of every tensor in `value` (nested dicts, lists and tuples): about what torch.save writes."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    return sum(tensor_bytes(item) for item in value) if isinstance(value, (list, tuple)) else 0
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 def saved_config(out: str) -> dict:
@@ -51,10 +71,10 @@ def load_resume_state(path) -> dict:
     return state
 
 
-# Set by training from the data (the decoder file's sizes, the encoder's path), not asked for: two configs that
-# differ only here ask for the same run.
-DERIVED_FIELDS = ("out", "model.encoder", "model.decoder.n_layer", "model.decoder.n_head", "model.decoder.n_embd",
-                  "model.decoder.vocab_size", "model.decoder.block_size")
+# Set by training from the data (the decoder file's sizes, the encoder's path) or where files go (the run folder, the
+# feature cache's folder), not asked for: two configs that differ only here ask for the same run.
+DERIVED_FIELDS = ("out", "cache_dir", "model.encoder", "model.decoder.n_layer", "model.decoder.n_head",
+                  "model.decoder.n_embd", "model.decoder.vocab_size", "model.decoder.block_size")
 
 
 def requested(config: dict) -> dict:
@@ -98,10 +118,11 @@ def finished_run(out: str, config: dict) -> Optional[dict]:
 class RunFiles:
     def __init__(self, out: str, active: bool = True):
         self.out, self.active = Path(out), active
-        self.best, self.last = self.out / "best.safetensors", self.out / "last.safetensors"
+        self.best, self.last = self.out / "best.pt", self.out / "last.pt"
         self.resume, self.log_path = self.out / "resume.pt", self.out / "log.jsonl"
-        self.summary = self.out / "summary.json"
+        self.summary, self.predictions = self.out / "summary.json", self.out / "val_predictions.json"
         self.records = []
+        self.best_params: Optional[int] = None  # the course's count of best.pt, once known
 
     def load_resume(self) -> dict:
         if not self.resume.is_file():
@@ -128,34 +149,79 @@ class RunFiles:
             return
         record["time"] = datetime.datetime.now().isoformat(timespec="seconds")
         self.records.append(record)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise self.disk_full(error) from None
 
-    def save_best(self, model: CaptionModel, predictions: dict) -> None:
-        save_trainable(model, str(self.best))
-        write_json_atomically(self.out / "val_predictions.json", predictions, indent=1, sort_keys=True)
-
-    def save_last(self, model: CaptionModel, state: dict) -> None:
+    def save(self, model: CaptionModel, state: dict, best_predictions: Optional[dict] = None,
+             summary: Optional[dict] = None) -> None:
+        """One save, as one change (see the module docstring): last.pt and resume.pt (`state` with the trainable
+        tensors); with `best_predictions` (a new best) best.pt and val_predictions.json; with `summary`
+        (RunFiles.summarize) summary.json, then curves.png."""
         if not self.active:
             return
-        save_trainable(model, str(self.last), collapse_prefix=False)
-        state = dict(state, model={name: t.cpu() for name, t in trainable_state_dict(model, False).items()})
-        write_atomically(self.resume, lambda path: torch.save(state, path))
+        last = checkpoint_tensors(model, collapse_prefix=False)
+        state = dict(state, model=last)
+        writes = checkpoint_writes(last, model.config, self.last)
+        writes.append((self.resume, lambda path: save_torch(state, path)))
+        best = checkpoint_tensors(model) if best_predictions is not None else None
+        if best is not None:
+            writes += checkpoint_writes(best, model.config, self.best)
+            writes.append((self.predictions, json_writer(best_predictions, indent=1, sort_keys=True)))
+        if summary is not None:
+            params = sum(t.numel() for t in best.values()) if best is not None else summary["checkpoint_params"]
+            writes.append((self.summary, json_writer(dict(summary, checkpoint_params=params), indent=1)))
+        self.write(writes, tensor_bytes([best, last, state]))  # last.pt and resume.pt both hold `last`
+        if best is not None:
+            self.best_params = sum(t.numel() for t in best.values())
+        if summary is not None:
+            self.plot()
 
-    def write_summary(self, config, config_file: Optional[str], paths: DataPaths, model: CaptionModel, progress,
-                      finished: bool = False) -> dict:
-        """summary.json from the config and the training Progress (hw3.p2.training)."""
-        summary = {
+    def write(self, writes: Writes, size: Optional[int] = None) -> None:
+        """write_together; a full disk ends in one UserError naming the folder and the `size` the save needs."""
+        try:
+            write_together(writes)
+        except (OSError, RuntimeError) as error:
+            raise self.disk_full(error, size) from None
+
+    def disk_full(self, error: Exception, size: Optional[int] = None) -> Exception:
+        """The UserError to raise for a full disk (naming the folder, and the space a save of `size` bytes needs);
+        `error` itself for any other error."""
+        if not is_disk_full(error):
+            return error
+        free = shutil.disk_usage(self.out).free if self.out.is_dir() else 0
+        needs = f"this save needs about {megabytes(size)}, " if size else ""
+        then = f"continue with `--resume --out {self.out}`" if self.resume.is_file() else "run it again"
+        return UserError(f"no space left on the device of {self.out} ({needs}{megabytes(free)} free there); the "
+                         f"files of the previous save are unchanged: free some space, then {then}")
+
+    def checkpoint_params(self) -> Optional[int]:
+        """The course's count of best.pt (torch.load + numel), None while there is none."""
+        if self.best_params is None and self.best.is_file():
+            self.best_params = count_checkpoint_params(str(self.best))
+        return self.best_params
+
+    def summarize(self, config, config_file: Optional[str], paths: DataPaths, model: CaptionModel, progress,
+                  finished: bool = False) -> dict:
+        """summary.json's object, from the config and the training Progress (hw3.p2.training)."""
+        return {
             "config_file": config_file, "method": "+".join(config.model.peft) or "none", "stage": config.stage,
             "encoder": config.model.encoder, "init": config.init,
             "trainable_params": count_trainable(model),
-            "checkpoint_params": count_checkpoint_params(str(self.best)) if self.best.is_file() else None,
+            "checkpoint_params": self.checkpoint_params(),
             "best_epoch": progress.best_epoch, "best": progress.best, "epochs": progress.history,
             "decode": dataclasses.asdict(config.decode), "data": paths.description,
             "finished_at": datetime.datetime.now().isoformat(timespec="seconds") if finished else None,
         }
+
+    def write_summary(self, config, config_file: Optional[str], paths: DataPaths, model: CaptionModel, progress,
+                      finished: bool = False) -> dict:
+        """summary.json (and curves.png) on their own, e.g. when the run finishes; returns the summary."""
+        summary = self.summarize(config, config_file, paths, model, progress, finished)
         if self.active:
-            write_json_atomically(self.summary, summary, indent=1)
+            self.write([(self.summary, json_writer(summary, indent=1))])
             self.plot()
         return summary
 
@@ -183,5 +249,7 @@ class RunFiles:
         score_axes.set(xlabel="optimizer step", title="validation")
         score_axes.legend()
         figure.tight_layout()
-        write_atomically(self.out / "curves.png", lambda path: figure.savefig(path, dpi=100, format="png"))
-        plt.close(figure)
+        try:
+            self.write([(self.out / "curves.png", lambda path: figure.savefig(path, dpi=100, format="png"))])
+        finally:
+            plt.close(figure)

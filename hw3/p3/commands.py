@@ -39,7 +39,7 @@ Selection = List[Tuple[Path, dict]]  # image path, extra fields of its attention
 @dataclass
 class Captioner:
     """The trained captioner to load and how to decode with it."""
-    checkpoint: Optional[str] = None  # None: checkpoints.json's p2_best, where hw3_download.sh puts it
+    checkpoint: Optional[str] = None  # None: checkpoints.json's p2_best, sha256-verified (hw3_download.sh fetches it)
     decoder: Optional[str] = None  # the course's decoder_model.bin
     encoder: Optional[str] = None  # None: the checkpoint's image encoder
     device: Optional[str] = None  # None: cuda when available
@@ -51,7 +51,7 @@ class Captioner:
 
     def load(self) -> CaptionModel:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return load_captioner(self.checkpoint_file(), self.decoder, device, encoder=self.encoder)
+        return load_captioner(self.checkpoint, self.decoder, device, encoder=self.encoder)  # None: the published one
 
 
 # ---- which images, which layer ----------------------------------------------------------------------------------
