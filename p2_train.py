@@ -9,14 +9,20 @@
 A config file is YAML (hw3/p2/config.py): `model:` holds CaptionConfig fields, `decode:` DecodeConfig fields (the
 validation captions), the rest TrainConfig fields below. `--set key=value` (dotted for sections, e.g.
 model.lora_rank=4) overrides any of them; a few common ones also have their own flag. The run folder OUT gets
-best.safetensors (best val CIDEr), last.safetensors + resume.pt, log.jsonl, curves.png, val_predictions.json and
-summary.json (see hw3/p2/run_files.py). The TrainConfig fields and their defaults are listed by --help.
+best.pt (best val CIDEr), last.pt + resume.pt, log.jsonl, curves.png, val_predictions.json and summary.json (see
+hw3/p2/run_files.py); best.pt and last.pt are the course's checkpoint format, with their configs beside them in
+best.config.json and last.config.json (hw3/p2/checkpoint.py). The TrainConfig fields and their defaults are listed
+by --help.
 `--toy-world DIR` is short for the four settings a course run names: data_dir=DIR/hw3_data/p2_data,
 decoder_weights=DIR/decoder_model.bin, model.encoder=DIR/clip.pt and clip_model=DIR/clip.pt.
 
 The self-critical stage (hw3/p2/scst.py) starts from a finished cross-entropy run: `--init RUN` takes RUN's saved
-config (its model, data and decoding) and RUN/best.safetensors, then the stage's config file (configs/scst.yaml,
+config (its model, data and decoding) and RUN/best.pt, then the stage's config file (configs/scst.yaml,
 configs/toy_scst.yaml: stage, epochs, lr, `scst:` section) over it, then --set and the flags.
+
+A run holds OUT for its lifetime (a second run there is refused). Ctrl-C or SIGTERM stops it at the next optimizer
+step and saves (exit status 130 or 143); `--resume` goes on, with any --set values (lr, epochs) from the restored
+step on. A non-finite loss stops it in one line, before anything non-finite is saved (docs/training.md#resume).
 """
 import argparse
 import os
@@ -26,7 +32,7 @@ from typing import List
 from hw3.common.errors import UserError, run_cli
 from hw3.p2.config import SCSTConfig, TrainConfig, field_help, load_config
 from hw3.p2.run_files import saved_config
-from hw3.p2.training import train
+from hw3.p2.training import TrainingStopped, train
 from hw3.toy.world import ToyWorld
 
 
@@ -41,9 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             "(encoder and CLIPScore model) instead of the course data")
     parser.add_argument("--init", metavar="RUN",
                         help="start from a finished run: its saved config under --config's values, and its "
-                             "best.safetensors (the self-critical stage: --config configs/scst.yaml)")
+                             "best.pt (the self-critical stage: --config configs/scst.yaml)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from last.safetensors + resume.pt (its saved config, plus "
+                        help="continue the run in --out from resume.pt (its saved config and tensors, plus "
                              "any overrides given here, e.g. --epochs to train longer)")
     parser.add_argument("--cache-features", action="store_true", default=None,
                         help="compute the frozen encoder's tokens once (fp16 memmap in cache_dir) and train from them")
@@ -80,9 +86,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                   "(change values with --set)", file=sys.stderr)
         config = load_config(None, args.overrides, base=saved_config(args.out), flags=flags)
     elif args.init:
-        checkpoint = os.path.join(args.init, "best.safetensors")
+        checkpoint = os.path.join(args.init, "best.pt")
         if not os.path.isfile(checkpoint):
-            raise UserError(f"--init {args.init}: no best.safetensors there (give a finished p2_train.py run folder)")
+            raise UserError(f"--init {args.init}: no best.pt there (give a finished p2_train.py run folder)")
         if not args.out:
             raise UserError("--init needs --out, the new run's folder")
         base = dict(saved_config(args.init), init=checkpoint)
@@ -95,9 +101,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv=None) -> int:
+    """0 when the run is done; after a Ctrl-C or SIGTERM, 128 + the signal's number (130, 143), as a shell reports a
+    process the signal ended."""
     args = parse_args(argv)
-    train(config_from_args(args), config_file=args.config, resume=args.resume, device=args.device,
-          overwrite=args.overwrite)
+    try:
+        train(config_from_args(args), config_file=args.config, resume=args.resume, device=args.device,
+              overwrite=args.overwrite)
+    except TrainingStopped as stop:
+        if str(stop):
+            print(f"\n{stop}", flush=True)
+        return stop.exit_status
     return 0
 
 

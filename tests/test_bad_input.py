@@ -64,7 +64,7 @@ def checkpoint(toy_world_small, tmp_path_factory):
                            adapter_size=8)
     model = build_caption_model(config, str(toy_world_small / "decoder_model.bin"),
                                 encoder=str(toy_world_small / "clip.pt"))
-    path = tmp_path_factory.mktemp("checkpoint") / "toy.safetensors"
+    path = tmp_path_factory.mktemp("checkpoint") / "toy.pt"
     save_trainable(model, str(path))
     return path
 
@@ -233,14 +233,14 @@ def test_train_never_replaces_a_run_silently(tmp_path):
             "epochs=1"]
     assert p2_train(*base).returncode == 0
     files = RunFiles(str(out))
-    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.name != ".lock"}  # .lock: who claims
 
     again = p2_train(*base)  # the same config, finished: nothing to do
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
     other = p2_train(*base, "lr=0.01")  # another config: refused
     line = one_error_line(other, "p2_train.py")
     assert "with another config (differs in lr)" in line and "--overwrite" in line and "new --out" in line
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.name != ".lock"} == before
 
     summary = json.loads(files.summary.read_text())
     files.summary.write_text(json.dumps(dict(summary, finished_at=None)))  # as Ctrl-C leaves it
@@ -250,7 +250,7 @@ def test_train_never_replaces_a_run_silently(tmp_path):
     replaced = p2_train(*base, "lr=0.01", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads(files.summary.read_text())["finished_at"]
-    assert files.best.read_bytes() != before["best.safetensors"]
+    assert files.best.read_bytes() != before["best.pt"]
 
 
 # ---- 7. errors that came late or said too little --------------------------------------------------------------------

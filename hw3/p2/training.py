@@ -13,8 +13,12 @@
   hw3_2.sh, P3 and the report load the checkpoint into a full-vocabulary model.
 - Exact resume: every micro-batch seeds torch's generator from (seed, rank, epoch, batch), and resume.pt holds the
   trainable tensors with the optimizer, schedule and progress, so a run stopped anywhere (Ctrl-C, a kill) and
-  resumed with --resume computes the same tensors as the run that never stopped. Ctrl-C stops at the next optimizer
-  step and saves; a second Ctrl-C stops at once, and --resume goes back to the last save.
+  resumed with --resume computes the same tensors as the run that never stopped. Ctrl-C or SIGTERM stops at the next
+  optimizer step and saves (TrainingStopped); a second one stops at once, and --resume goes back to the last save.
+  A resumed run takes the config's lr and schedule from the restored step on, and refuses other encoder weights.
+- Finite or stop: a non-finite loss or (fp32) gradient norm stops the run before the step is applied, and a save
+  checks every trained tensor first (TrainingDiverged), so best, last and resume.pt never hold inf or nan.
+- One run per folder: train() claims config.out (hw3.p2.run_lock) for the run's lifetime.
 
 The phases, in order: `Trainer(...)` sets up (processes, model, data, objective, optimizer, resume state); `run()`
 trains epoch by epoch (`train_epoch` -> `train_batch` -> `optimizer_step`), validating and saving
@@ -42,18 +46,19 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from hw3.common.errors import UserError
-from hw3.common.files import check_writable
+from hw3.common.files import check_writable, sha256_file
 from hw3.common.images import ImageFiles
-from hw3.p2.checkpoint import load_trainable, read_checkpoint
+from hw3.p2.checkpoint import load_trainable, read_tensors
 from hw3.p2.config import DataPaths, TrainConfig
 from hw3.p2.data import (CaptionBatch, CaptionDataset, CaptionSplit, caption_vocabulary, collate_captions,
                          feature_cache, image_batches, read_split, tokenize_captions)
 from hw3.p2.encoder import ImageEncoder, load_image_encoder
 from hw3.p2.generation import autocast_for, caption_images
 from hw3.p2.metrics import ClipScorer, score_captions
-from hw3.p2.model import CaptionModel, load_decoder, parameter_table
+from hw3.p2.model import CaptionModel, load_decoder, parameter_table, trainable_state_dict
 from hw3.p2.optim import adamw, warmup_cosine_scheduler
 from hw3.p2.run_files import RunFiles, finished_run
+from hw3.p2.run_lock import RunFolderLock
 from hw3.p2.scst import ClipReward, SelfCritical
 from tokenizer import EOT_ID, IGNORE_INDEX, BPETokenizer
 
@@ -108,6 +113,26 @@ def build_model(config: TrainConfig, paths: DataPaths, device: torch.device) -> 
     return CaptionModel(model_config, encoder, decoder).to(device), dataclasses.replace(config, model=model_config)
 
 
+def encoder_fingerprint(name: str) -> dict:
+    """What identifies the encoder's weights: its name, and the sha256 of its file when the name is a local file (a
+    CLIP state_dict path, or timm:NAME@FILE). A named encoder's weights are fixed by its name."""
+    file = name.rpartition("@")[2] if name.startswith("timm:") else name
+    return {"name": name, "sha256": sha256_file(file) if os.path.isfile(file) else None}
+
+
+def check_same_encoder(saved: Optional[dict], current: dict, out: str) -> None:
+    """Raises UserError when a run is resumed with other encoder weights than it was trained with (`saved`, from
+    resume.pt; None in a resume.pt written before fingerprints: not checked)."""
+    if saved is None or saved == current:
+        return
+
+    def shown(fingerprint: dict) -> str:
+        sha256 = fingerprint.get("sha256")
+        return f"{fingerprint.get('name')} (sha256 {sha256[:12]}...)" if sha256 else f"{fingerprint.get('name')}"
+    raise UserError(f"--resume: {out} was trained with the encoder {shown(saved)}, not {shown(current)}: resume "
+                    "with the weights it was trained with, or train a new run in another --out")
+
+
 # ---- the objectives ------------------------------------------------------------------------------------------------
 
 class CrossEntropy:
@@ -146,30 +171,59 @@ def step_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
     return int(hashlib.sha256(f"{seed}/{rank}/{epoch}/{batch}".encode()).hexdigest()[:15], 16)
 
 
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: what Slurm, Kubernetes, `timeout` send
+
+
 class StopRequest:
-    """While active, the first SIGINT (Ctrl-C) asks the run to stop at the next optimizer step, where the saved state
-    is whole; a second one stops it at once (KeyboardInterrupt)."""
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM asks the run to stop at the next optimizer step, where the
+    saved state is whole; a second one stops it at once (KeyboardInterrupt). `signum` is the first one's number."""
 
     def __init__(self):
-        self.requested = False
+        self.signum: Optional[int] = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> "StopRequest":
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.pid = os.getpid()
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked DataLoader worker inherits the handler: its parent decides
+            return
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this optimizer step, then saving (Ctrl-C again: stop now, without saving)",
+        self.signum = signum
+        name = STOP_SIGNALS[signum]
+        print(f"\n{name}: stopping after this optimizer step, then saving ({name} again: stop now, without saving)",
               file=sys.stderr, flush=True)
 
 
 class StopTraining(Exception):
     pass
+
+
+class TrainingStopped(Exception):
+    """The run ended on a stop request (StopRequest): `saved` tells whether it saved its state for --resume first.
+    A command line exits with `exit_status`, the shell's 128 + the signal's number (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, signum: int, saved: bool, message: str):
+        super().__init__(message)
+        self.signum, self.saved = signum, saved
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss, gradient norm or trained tensor: the run stops before it applies or saves one."""
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -265,6 +319,9 @@ class Trainer:
         self.config_file = config_file
         self.files = RunFiles(self.config.out, active=self.processes.main)
         state = self.files.load_resume() if resume else None
+        self.encoder_id = encoder_fingerprint(self.paths.encoder)  # saved in resume.pt
+        if state is not None:
+            check_same_encoder(state.get("encoder"), self.encoder_id, self.config.out)
         self.load_start(state)
         self.tokenizer = BPETokenizer()
         self.data = load_data(self.config, self.paths, self.model.encoder, self.tokenizer, self.processes)
@@ -277,6 +334,8 @@ class Trainer:
         self.objective = build_objective(self.config, self.paths, self.data.train_split, self.tokenizer,
                                          self.scorer, self.device)
         self.stats: List[Dict[str, float]] = []  # the objective's stats of the batches since the last validation
+        self.bad_loss: Optional[float] = None  # a non-finite loss of the current optimizer step's micro-batches
+        self.saved_step: Optional[int] = None  # the step of the state resume.pt holds
         self.sampler = DistributedSampler(self.data.train, num_replicas=self.processes.world_size,
                                           rank=self.processes.rank, shuffle=True, seed=self.config.seed)
         self.batches_per_epoch = math.ceil(len(self.sampler) / self.config.batch_size)
@@ -296,16 +355,28 @@ class Trainer:
         if state is not None:
             load_trainable(self.model, state["model"], source=str(self.files.resume))
         elif self.config.init:
-            load_trainable(self.model, read_checkpoint(self.config.init)[1], source=self.config.init)
+            load_trainable(self.model, read_tensors(self.config.init), source=self.config.init)
         if self.processes.main:
             print(parameter_table(self.model), flush=True)
 
     def restore(self, state: dict) -> None:
-        """Optimizer, schedule, GradScaler and progress from a resume.pt state."""
+        """Optimizer moments, schedule position, GradScaler and progress from a resume.pt state. The optimizer's
+        settings and the schedule's shape stay the config's: a resumed run's lr, weight_decay, warmup_ratio, epochs
+        and max_steps take effect from the restored step on (the same state when none changed)."""
+        settings = [{key: value for key, value in group.items() if key != "params"}
+                    for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(state["scheduler"])  # its position; the lr factor stays this config's
+        for group, fresh in zip(self.optimizer.param_groups, settings):
+            group.update(fresh)
+        scheduler = self.scheduler
+        scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        for group, base_lr, factor in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)  # as LambdaLR.step computes it
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
+        self.saved_step = self.progress.step
         self.files.restore_log(self.progress.step)
 
     @property
@@ -315,20 +386,44 @@ class Trainer:
 
     def run(self) -> Optional[dict]:
         """Trains until the epochs (or max_steps) are done; returns the summary (rank 0) or None (other ranks).
-        Ctrl-C stops at the next optimizer step, saves the state for --resume and exits with status 130."""
-        try:
-            with StopRequest() as self.stop:
+        Ctrl-C or SIGTERM stops at the next optimizer step, saves the state for --resume and raises TrainingStopped;
+        a second one raises it at once, without saving."""
+        with StopRequest() as self.stop:  # still ours while a stop saves
+            try:
                 while not self.finished:
                     if self.stop_requested():
                         raise StopTraining
                     self.train_epoch()
-        except StopTraining:
-            if self.processes.main:
-                self.save_last()
-                print(f"\nstopped: saved {self.files.last} and {self.files.resume} (continue with --resume "
-                      f"--out {self.config.out})", flush=True)
-            raise SystemExit(130)
+            except StopTraining:
+                raise self.stopped(saved=True) from None
+            except KeyboardInterrupt:
+                if not self.stop.requested:
+                    raise
+                raise self.stopped(saved=False) from None
         return self.finish()
+
+    def stopped(self, saved: bool) -> TrainingStopped:
+        """The end of a requested stop: with `saved`, the state saved for --resume first (rank 0)."""
+        if saved:
+            try:
+                self.check_finite()
+                if self.processes.main:
+                    self.save_last()
+            except KeyboardInterrupt:  # a second signal during the save: the previous save stays, whole
+                saved = False
+        signum = self.stop.signum or signal.SIGINT  # None: another process was asked
+        out, name = self.config.out, STOP_SIGNALS[signum]
+        if not self.processes.main:
+            message = ""
+        elif saved:
+            message = f"stopped by {name} at step {self.progress.step}: saved {self.files.resume} (continue with " \
+                      f"--resume --out {out})"
+        elif self.saved_step is None:
+            message = f"stopped at once by a second {name}, before any save: nothing to resume in {out}"
+        else:
+            message = f"stopped at once by a second {name}, without saving: `--resume --out {out}` goes back to " \
+                      f"the last save (step {self.saved_step})"
+        return TrainingStopped(signum, saved, message)
 
     def stop_requested(self) -> bool:
         """Whether any process was asked to stop (all agree, so they stop at the same step)."""
@@ -385,17 +480,63 @@ class Trainer:
             self.scaler.scale(loss / self.config.grad_accum).backward()
         if stats:
             self.stats.append(stats)
-        return loss.item()
+        value = loss.item()
+        if not math.isfinite(value) and self.bad_loss is None:
+            self.bad_loss = value
+        return value
 
     def optimizer_step(self) -> None:
-        if self.config.grad_clip > 0:
+        """Clips the accumulated gradients to grad_clip and applies them, unless check_step stops the run."""
+        fp32 = not self.scaler.is_enabled()
+        grad_norm = None
+        if self.config.grad_clip > 0 or fp32:  # in fp32 the norm also tells whether the gradients are finite
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+        self.check_step(grad_norm if fp32 else None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.progress.step += 1
+
+    def check_step(self, grad_norm: Optional[torch.Tensor]) -> None:
+        """Raises TrainingDiverged before the step is applied when a loss of its micro-batches, or `grad_norm`, is not
+        finite; every process agrees. With amp on CUDA no norm is given: GradScaler skips a step whose fp16 gradients
+        overflowed and lowers its scale, fp16's normal course."""
+        detail = None
+        if self.bad_loss is not None:
+            detail = f"the loss is {self.bad_loss}"
+        elif grad_norm is not None and not torch.isfinite(grad_norm):
+            detail = f"the gradient norm is {grad_norm.item()}"
+        self.bad_loss = None
+        diverged = detail is not None
+        if self.processes.world_size > 1:
+            flag = torch.tensor([float(diverged)], device=self.device)
+            dist.all_reduce(flag)
+            diverged = bool(flag.item())
+        if diverged:
+            raise TrainingDiverged(self.divergence(self.progress.step + 1,
+                                                   detail or "another process's loss or gradient norm is not finite"))
+
+    def check_finite(self) -> None:
+        """Raises TrainingDiverged when a trained tensor holds inf or nan: nothing non-finite is ever saved."""
+        for name, tensor in trainable_state_dict(self.model, False).items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise TrainingDiverged(self.divergence(self.progress.step, f"the trained tensor {name} is not finite"))
+
+    def divergence(self, step: int, detail: str) -> str:
+        """The one line a diverged run ends with: where, what, the likely cause and what to change, what is kept."""
+        config = self.config
+        if self.scaler.is_enabled():
+            cause = "fp16 overflow, or a learning rate too high for this config: train in fp32 (--set amp=false) " \
+                    f"or with a lower lr (now {config.lr:g})"
+        else:
+            cause = f"a learning rate too high for this config: lower it (now {config.lr:g}; e.g. --set " \
+                    f"lr={config.lr / 10:g})" + ("" if config.grad_clip > 0 else " or clip gradients (grad_clip=1)")
+        kept = "nothing was saved" if self.saved_step is None else \
+            f"the last save (step {self.saved_step}) is kept: `--resume --out {config.out} --set lr=...` goes on " \
+            "from it"
+        return f"training diverged at step {step}: {detail}; likely cause: {cause}; {kept}"
 
     def mean_stats(self, last: Optional[int] = None) -> Dict[str, float]:
         """The mean of each objective statistic over the `last` batches (None: since the last validation)."""
@@ -412,17 +553,17 @@ class Trainer:
                            lr=self.scheduler.get_last_lr()[0], **self.mean_stats(every))
 
     def validate_and_save(self, epoch: int, losses: List[float], seconds: float) -> None:
-        """Validation, the best checkpoint, last.safetensors + resume.pt, logs and summary (rank 0); the other ranks
-        wait."""
+        """Validation, then one save of last.pt + resume.pt, the best checkpoint when it is one, and the summary
+        (rank 0); the other ranks wait."""
+        self.check_finite()  # on every rank (they hold the same tensors), before validating a broken model
         if self.processes.main:
-            self.record_validation(epoch, losses, seconds)
-            self.save_last()
-            self.files.write_summary(self.config, self.config_file, self.paths, self.model, self.progress)
+            self.save_last(best_predictions=self.record_validation(epoch, losses, seconds), with_summary=True)
         self.stats = []  # on every rank (only rank 0 reports them)
         self.processes.barrier()
 
-    def record_validation(self, epoch: int, losses: List[float], seconds: float) -> None:
-        progress, started = self.progress, time.time()
+    def record_validation(self, epoch: int, losses: List[float], seconds: float) -> Optional[dict]:
+        """Validates and logs; returns the captions when they are the best so far (to be saved), else None."""
+        progress, started, best_predictions = self.progress, time.time(), None
         scores, predictions = validate(self.model, self.data, self.config, self.paths, self.tokenizer, self.scorer)
         record = dict(epoch=epoch, step=progress.step, train_loss=sum(losses) / max(1, len(losses)),
                       CIDEr=scores["CIDEr"], CLIPScore=scores["CLIPScore"], seconds=round(seconds, 2),
@@ -430,17 +571,25 @@ class Trainer:
         progress.history.append(record)
         if progress.best is None or scores["CIDEr"] > progress.best["CIDEr"]:
             progress.best, progress.best_epoch = scores, record["epoch"]
-            self.files.save_best(self.model, predictions)
+            best_predictions = predictions
         self.files.log(type="val", **record)
         reward = f", mean candidate reward {record['reward']:.4f}" if "reward" in record else ""
         tqdm.write(f"epoch {record['epoch']} step {progress.step}: train loss {record['train_loss']:.4f}{reward}, "
                    f"val CIDEr {scores['CIDEr']:.4f}, CLIPScore {scores['CLIPScore']:.4f} "
                    f"({record['val_seconds']} s)")
+        return best_predictions
 
-    def save_last(self) -> None:
-        self.files.save_last(self.model, dict(
+    def save_last(self, best_predictions: Optional[dict] = None, with_summary: bool = False) -> None:
+        """One save (run_files.RunFiles.save): last.pt + resume.pt; with `best_predictions` also best.pt, with
+        `with_summary` also summary.json. Never a non-finite tensor (check_finite)."""
+        self.check_finite()
+        summary = self.files.summarize(self.config, self.config_file, self.paths, self.model, self.progress) \
+            if with_summary else None
+        self.files.save(self.model, dict(
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(), progress=dataclasses.asdict(self.progress), config=self.config.to_dict()))
+            scaler=self.scaler.state_dict(), progress=dataclasses.asdict(self.progress), config=self.config.to_dict(),
+            encoder=self.encoder_id), best_predictions=best_predictions, summary=summary)
+        self.saved_step = self.progress.step
 
     def finish(self) -> Optional[dict]:
         main, progress = self.processes.main, self.progress
@@ -448,7 +597,7 @@ class Trainer:
                                            finished=True) if main else None
         if main and progress.best:
             print(f"best val CIDEr {progress.best['CIDEr']:.4f} (epoch {progress.best_epoch}); "
-                  f"wrote {self.files.out}/(best.safetensors, last.safetensors, resume.pt, log.jsonl, curves.png, "
+                  f"wrote {self.files.out}/(best.pt, last.pt, their .config.json, resume.pt, log.jsonl, curves.png, "
                   "val_predictions.json, summary.json)")
         if self.processes.world_size > 1:
             self.processes.barrier()
@@ -458,16 +607,17 @@ class Trainer:
 
 def train(config: TrainConfig, config_file: Optional[str] = None, resume: bool = False,
           device: Optional[str] = None, overwrite: bool = False) -> Optional[dict]:
-    """Trains as `config` says; returns the summary (rank 0) or None (other ranks). A new run never replaces
-    another one in config.out unless `overwrite` (hw3.p2.run_files.finished_run); a finished run of the same config
-    is not trained again."""
+    """Trains as `config` says; returns the summary (rank 0) or None (other ranks). The run claims config.out for its
+    lifetime (hw3.p2.run_lock: a second run there is refused). A new run never replaces another one in config.out
+    unless `overwrite` (hw3.p2.run_files.finished_run); a finished run of the same config is not trained again."""
     check_writable(config.out, "folder")
-    if not resume and not overwrite:
-        done = finished_run(config.out, config.to_dict())
-        if done is not None:
-            best = f"best val CIDEr {done['best']['CIDEr']:.4f}, epoch {done['best_epoch']}" if done["best"] else \
-                "never validated"
-            print(f"{config.out} already holds this run, finished at {done['finished_at']} ({best}): nothing to "
-                  "do (--overwrite trains it again)")
-            return done
-    return Trainer(config, config_file, resume, device).run()
+    with RunFolderLock(config.out, active=int(os.environ.get("RANK", 0)) == 0):
+        if not resume and not overwrite:
+            done = finished_run(config.out, config.to_dict())
+            if done is not None:
+                best = f"best val CIDEr {done['best']['CIDEr']:.4f}, epoch {done['best_epoch']}" if done["best"] \
+                    else "never validated"
+                print(f"{config.out} already holds this run, finished at {done['finished_at']} ({best}): nothing "
+                      "to do (--overwrite trains it again)")
+                return done
+        return Trainer(config, config_file, resume, device).run()
