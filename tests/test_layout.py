@@ -14,9 +14,9 @@ from typing import Dict, List, Tuple
 from import_graph import ROOT, dependencies, import_cycles, module_name
 
 COURSE_LEAVES = ("decoder.py", "tokenizer.py")  # the course's modules the library builds on
-PROBLEM_PACKAGES = ("hw3.p1", "hw3.p2", "hw3.p3", "hw3.toy", "hw3.report", "hw3.pipeline")
+PROBLEM_PACKAGES = ("hw3.p1", "hw3.p2", "hw3.p3", "hw3.toy", "hw3.report", "hw3.notes", "hw3.pipeline")
 CORE = ("hw3.common", "hw3.p1", "hw3.p2", "hw3.p3")
-ABOVE_CORE = ("hw3.toy", "hw3.pipeline", "hw3.report")
+ABOVE_CORE = ("hw3.toy", "hw3.pipeline", "hw3.report", "hw3.notes")
 
 
 def library_files(root: Path) -> List[Path]:
