@@ -28,13 +28,19 @@ echo "setup.sh: creating $venv with $python ($("$python" --version 2>&1))"
 "$venv/bin/python" -m pip install -q --upgrade "pip<25"
 "$venv/bin/python" -m pip install -q -r "$root/requirements.txt" -r "$root/requirements-dev.txt"
 
-# The CIDEr scorer's PTB tokenizer is Java (as in the course's scorer).
-if ! command -v java >/dev/null 2>&1; then
+# System tools: Java for the CIDEr scorer's PTB tokenizer (as in the course's scorer); wget, which hw3_download.sh
+# fetches the checkpoint with; pdftotext, which the report's tests read the PDF with.
+missing=()
+command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+command -v wget >/dev/null 2>&1 || missing+=(wget)
+command -v pdftotext >/dev/null 2>&1 || missing+=(poppler-utils)
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup.sh: installing a Java runtime for the PTB tokenizer"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+    echo "setup.sh: installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "setup.sh: warning: no 'java' on PATH; p2_evaluate.py (CIDEr) will refuse to run until one is installed" >&2
+    echo "setup.sh: warning: not installed: ${missing[*]} (java: p2_evaluate.py's CIDEr refuses to run without it;" \
+         "wget: hw3_download.sh; pdftotext: some report tests are skipped)" >&2
   fi
 fi
 echo "$want" > "$stamp"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from demo import main as demo_main
+from hw3.common.errors import UserError
 from hw3.common.files import read_json
 from hw3.common.files import write_json_atomically
 from hw3.pipeline import homework
@@ -40,15 +41,20 @@ def test_the_toy_run_and_its_files_through_data_are_one_run(tmp_path):
 
 def test_course_data_defaults(tmp_path):
     inputs = inputs_from_args(parse(["--no-scst"]), tmp_path / "hw3_data", None)
-    assert inputs.configs == CONFIG_SETS["real"] and inputs.scst_config is None
-    assert inputs.configs[:3] == CONFIG_SETS["vitl14"] and all(Path(ROOT, c).is_file() for c in inputs.configs)
-    assert len(inputs.configs) == 5  # the two encoder candidates; --configs vitl14 leaves them out
-    assert inputs_from_args(parse(["--configs", "vitl14"]), tmp_path / "hw3_data", None).configs == \
-        CONFIG_SETS["vitl14"]
+    assert inputs.configs == CONFIG_SETS["real"] and inputs.scst_config is None and inputs.candidates == ()
+    assert len(inputs.configs) == 3 and all(Path(ROOT, c).is_file() for c in inputs.configs)
+    with_candidates = inputs_from_args(parse(["--candidates"]), tmp_path / "hw3_data", None)
+    assert with_candidates.configs == inputs.configs and len(with_candidates.candidates) == 2
+    assert all(Path(ROOT, c).is_file() for c in with_candidates.candidates)
     assert inputs.decoder == tmp_path / "hw3_data" / "p2_data" / "decoder_model.bin"
     assert (inputs.encoder, inputs.clip_model, inputs.p1_models, inputs.clipscore_model) == \
         (None, None, ("ViT-L/14",), "ViT-B/32")
     assert inputs.toy_world() is None
+
+
+def test_candidates_need_the_course_data(tmp_path):
+    with pytest.raises(UserError, match="--candidates needs --data"):
+        inputs_from_args(parse(["--candidates"]), None, ToyWorld(tmp_path / "world"))
 
 
 def test_a_step_is_skipped_only_when_it_finished_with_the_same_command_and_inputs(tmp_path, capsys):

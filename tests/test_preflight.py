@@ -11,7 +11,7 @@ import torch
 
 from hw3.p2.config import load_config
 from hw3.p2.data import CaptionSplit, feature_cache_path
-from hw3.pipeline.inputs import CONFIG_SETS, RunInputs
+from hw3.pipeline.inputs import CONFIG_SETS, ENCODER_CANDIDATES, RunInputs
 from hw3.pipeline.preflight import FAIL, check_feature_cache, passed, run_preflight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +116,10 @@ def test_the_feature_cache_size_counts_what_the_cache_key_does_not_find(tmp_path
 
 
 def test_every_encoder_of_the_course_runs_gets_its_cache_sized_and_the_disk_their_total(tmp_path):
-    """The course data's default runs (three ViT-L/14 recipes and the encoder candidates) share one cache folder:
-    one size line per encoder, and the disk line asks for their sum."""
-    configs = [load_config(str(ROOT / path), [f"cache_dir={tmp_path / 'cache'}"]) for path in CONFIG_SETS["real"]]
+    """The course data's runs with --candidates (three ViT-L/14 recipes and the encoder candidates) share one cache
+    folder: one size line per encoder, and the disk line asks for their sum."""
+    configs = [load_config(str(ROOT / path), [f"cache_dir={tmp_path / 'cache'}"])
+               for path in CONFIG_SETS["real"] + ENCODER_CANDIDATES]
     train = CaptionSplit(str(tmp_path / "train"), ["a.jpg", "b.jpg"], [["a"], ["b"]])
     findings = [str(finding) for finding in check_feature_cache(configs, [train], 0)]
     shapes = {"ViT-L/14": 257 * 1024, "timm:vit_so400m_patch14_siglip_384.webli": 729 * 1152,

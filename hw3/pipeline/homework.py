@@ -1,28 +1,33 @@
 """The homework end to end, step by step through the course's entry points (what `bash demo.sh` runs):
 
     [toy world] -> preflight -> P1: hw3_1.sh, p1_clip.py report -> P2: p2_train.py per config, the self-critical
-    stage on the best run, hw3_2.sh with the best of all runs (val CIDEr), p2_evaluate.py -> P3: grounding (toy
-    world only), p3_attention.py on the p3 images and the top-1/last-1 val images -> make_report.py ->
-    numbers.json -> the checkpoints.json entry that publishes the best checkpoint.
+    stage on the best run, the submitted run (hw3/p2/selection.py's rule), hw3_2.sh with it, p2_evaluate.py -> P3:
+    grounding (toy world only), p3_attention.py on the p3 images and the top-1/last-1 val images -> the notes draft,
+    make_report.py -> numbers.json -> "submission ready": the checkpoints.json entry that publishes the checkpoint
+    -> [--candidates: the encoder candidates; a candidate that beats the submission gets the self-critical stage,
+    and the better of the two replaces the submission].
+
+A run stopped after "submission ready" leaves a complete submission: the report is replaced only whole (by a better
+run's), and every run folder's checkpoint stays as its run left it.
 
 Every step is a command line (printed before it runs, hw3/pipeline/steps.py) built from RunInputs alone, so the toy
 world and the course data go through the same code with other inputs. With jobs > 1, P1's steps and the
 cross-entropy runs share that many lanes (each step's output then goes to RESULTS/logs/); the rest runs in order.
 """
-import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from hw3.common.files import REPO_ROOT, read_json, sha256_file, write_atomically, write_json_atomically
-from hw3.common.manifest import DEFAULT_CHECKPOINT, load_manifest
+from hw3.p2.selection import choose_run
 from hw3.pipeline.inputs import ResultPaths, RunInputs
 from hw3.pipeline.numbers import collect_numbers, compare_files, input_identity
 from hw3.pipeline.preflight import passed, run_preflight
 from hw3.pipeline.steps import Step, StepRunner
+from hw3.pipeline.submission import ready_lines
 from hw3.toy.world import ToyWorld
 
 PUBLISHED_REPORT = REPO_ROOT / "hw3_report.pdf"
@@ -44,18 +49,14 @@ class TrainedRun:
         return read_json(self.folder / "summary.json", "run summary")
 
     @property
-    def cider(self) -> float:
-        return self.summary["best"]["CIDEr"]
-
-    @property
     def checkpoint(self) -> Path:
-        return self.folder / "best.safetensors"
+        return self.folder / "best.pt"
 
 
 def training_step(title: str, command: List[str], out: Path) -> Step:
     """p2_train.py always runs: it says "nothing to do" for a finished run of the same config, and refuses any
     other run in `out` (a finished run is never replaced)."""
-    return Step(title, command, [out / "summary.json", out / "best.safetensors"], always=True)
+    return Step(title, command, [out / "summary.json", out / "best.pt"], always=True)
 
 
 def p1_steps(inputs: RunInputs, results: ResultPaths) -> List[Step]:
@@ -69,10 +70,11 @@ def p1_steps(inputs: RunInputs, results: ResultPaths) -> List[Step]:
                  [results.p1 / name for name in ("summary.json", "accuracy.csv", "top5.png", "top5.json")])]
 
 
-def cross_entropy_runs(inputs: RunInputs, results: ResultPaths) -> Tuple[List[TrainedRun], List[Step]]:
+def cross_entropy_runs(configs: Sequence[str], inputs: RunInputs,
+                       results: ResultPaths) -> Tuple[List[TrainedRun], List[Step]]:
     """One cross-entropy run per config: the runs, and the steps that train them."""
     runs, steps = [], []
-    for config in inputs.configs:
+    for config in configs:
         out = results.run(config)
         steps.append(training_step(f"P2: train {config}", ["python3", "p2_train.py", "--config", config, "--out",
                                                            str(out), "--set", *inputs.train_overrides()], out))
@@ -88,10 +90,15 @@ def lanes(training: List[Step], others: List[Step], jobs: int) -> List[List[Step
     return dealt
 
 
+def best_run(runs: Sequence[TrainedRun], course_data: bool) -> TrainedRun:
+    """The run hw3/p2/selection.py's rule picks by the runs' best val scores."""
+    name, _ = choose_run({run.folder.name: run.summary["best"] for run in runs}, course_data)
+    return next(run for run in runs if run.folder.name == name)
+
+
 def self_critical_run(runner: StepRunner, inputs: RunInputs, results: ResultPaths,
-                      runs: List[TrainedRun]) -> List[TrainedRun]:
-    """The self-critical stage on the best of `runs` (by val CIDEr): [its run], or [] when there is none."""
-    best = max(runs, key=lambda run: run.cider)
+                      best: TrainedRun) -> List[TrainedRun]:
+    """The self-critical stage on `best`: [its run], or [] when there is none."""
     if inputs.scst_config is None:
         runner.announce("P2: self-critical stage", ["skipped: --no-scst"])
         return []
@@ -106,14 +113,20 @@ def self_critical_run(runner: StepRunner, inputs: RunInputs, results: ResultPath
     return [TrainedRun(out, f"p2_train.py --init <the {best.folder.name} run> --config {inputs.scst_config}")]
 
 
-def choose_best(runner: StepRunner, runs: List[TrainedRun]) -> TrainedRun:
-    best = max(runs, key=lambda run: run.cider)
+def choose_submission(runner: StepRunner, results: ResultPaths, runs: List[TrainedRun],
+                      course_data: bool) -> TrainedRun:
+    """The run to submit, by hw3/p2/selection.py's rule; written to RESULTS/p2/submission.json for the report."""
+    name, rule = choose_run({run.folder.name: run.summary["best"] for run in runs}, course_data)
+    best = next(run for run in runs if run.folder.name == name)
     lines = [f"{'run':<24} {'val CIDEr':>10} {'CLIPScore':>10} {'best epoch':>11}"]
     for run in runs:
         summary = run.summary
         lines.append(f"{run.folder.name:<24} {summary['best']['CIDEr']:>10.4f} {summary['best']['CLIPScore']:>10.4f} "
-                     f"{summary['best_epoch']:>11}" + ("   <- best: it captions the val images" if run is best else ""))
-    runner.announce("P2: the best run by val CIDEr", lines)
+                     f"{summary['best_epoch']:>11}" + ("   <- submitted: it captions the val images" if run is best
+                                                       else ""))
+    runner.announce("P2: the run to submit", lines + [f"rule: {rule}"])
+    write_json_atomically(results.submission, {"run": name, "rule": rule,
+                                               "checkpoint_sha256": sha256_file(best.checkpoint)}, indent=1)
     return best
 
 
@@ -156,15 +169,6 @@ def p3_steps(runner: StepRunner, inputs: RunInputs, results: ResultPaths, best: 
                     reads=reads + [results.val_scores_csv]))
 
 
-def report_step(runner: StepRunner, results: ResultPaths, world: Optional[ToyWorld], publish: bool) -> None:
-    toy_world = option("--toy-world", world.root if world else None)
-    runner.run(Step("Report", ["python3", "make_report.py", "--p1-dir", str(results.p1), "--p2-runs",
-                               str(results.p2), "--p3-dir", str(results.p3), *toy_world, "--out",
-                               str(results.report)], [results.report], always=True))
-    if publish:
-        publish_file(results.report, PUBLISHED_REPORT)
-
-
 def publish_file(source: Path, destination: Path) -> None:
     write_atomically(destination, lambda temporary: shutil.copyfile(source, temporary))
     print(f"   --publish: copied it to {destination} (committed)", flush=True)
@@ -187,28 +191,88 @@ def comparison_step(runner: StepRunner, results: ResultPaths, publish: bool) -> 
         publish_file(results.numbers, PUBLISHED_NUMBERS)
 
 
-def publication_lines(best: TrainedRun, world: Optional[ToyWorld]) -> List[str]:
-    """The checkpoints.json entry that publishes the best checkpoint (hw3/common/manifest.py), once uploaded."""
-    checkpoints, _ = load_manifest()
-    path = next(c.path for c in checkpoints if c.name == DEFAULT_CHECKPOINT)
-    entry = {"name": DEFAULT_CHECKPOINT, "path": path, "url": "", "sha256": sha256_file(best.checkpoint),
-             "made_by": best.made_by}
-    lines = [f"file:   {best.checkpoint}", f"size:   {best.checkpoint.stat().st_size} bytes",
-             f"sha256: {entry['sha256']}",
-             f"upload the file, then make this the {DEFAULT_CHECKPOINT!r} entry of checkpoints.json, with the "
-             "upload's direct download link as its url (bash hw3_download.sh then fetches and verifies it):",
-             "  " + json.dumps(entry)]
-    if world:
-        lines.append("(a toy-world checkpoint: for practice only, it fits the toy world's tiny models, not the "
-                     "course's)")
-    return lines
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the pipeline runs, beyond its inputs."""
+    jobs: int = 1  # how many of P1's steps and the cross-entropy runs run at once
+    publish: bool = False  # copy the report and numbers.json over the committed ones
+    student_id: Optional[str] = None  # names the report hw3_<ID>.pdf
+
+
+def report_steps(runner: StepRunner, results: ResultPaths, world: Optional[ToyWorld], options: RunOptions) -> Path:
+    """The notes draft (once: the student's edits are never overwritten), then the report; returns its path."""
+    inputs = ["--p1-dir", str(results.p1), "--p2-runs", str(results.p2), "--p3-dir", str(results.p3),
+              *option("--toy-world", world.root if world else None)]
+    if not results.notes.is_file():
+        runner.run(Step("Report: a draft of your answers to the prose questions, with the numbers they cite",
+                        ["python3", "make_report.py", *inputs, "--draft-notes", str(results.notes)],
+                        [results.notes], always=True))
+    report = results.report(options.student_id)
+    runner.run(Step("Report", ["python3", "make_report.py", *inputs, "--notes", str(results.notes), "--out",
+                               str(results.report()), *option("--student-id", options.student_id)],
+                    [report], always=True))
+    if options.publish:
+        publish_file(report, PUBLISHED_REPORT)
+    return report
+
+
+def submit(runner: StepRunner, inputs: RunInputs, results: ResultPaths, runs: List[TrainedRun],
+           world: Optional[ToyWorld], options: RunOptions) -> TrainedRun:
+    """Chooses the run to submit among `runs`, captions and scores the val images with it, draws P3 and writes the
+    report; returns the submitted run."""
+    best = choose_submission(runner, results, runs, course_data=world is None)
+    submission_steps(runner, inputs, results, best)
+    p3_steps(runner, inputs, results, best, world)
+    report = report_steps(runner, results, world, options)
+    runner.announce("Submission ready", ready_lines(best.checkpoint, best.made_by, report, options.student_id,
+                                                    toy=world is not None))
+    return best
+
+
+def candidate_runs(runner: StepRunner, inputs: RunInputs, results: ResultPaths, submitted: TrainedRun,
+                   course_data: bool) -> List[TrainedRun]:
+    """The encoder candidates, one at a time, then the self-critical stage on the best of them if it beats the
+    submitted run; returns every run made."""
+    runs, steps = cross_entropy_runs(inputs.candidates, inputs, results)
+    for step in steps:
+        runner.run(step)
+    challenger = best_run(runs, course_data)
+    if best_run([submitted, challenger], course_data) is submitted:
+        runner.announce("P2: the encoder candidates", [f"none beats the submitted run {submitted.folder.name}: the "
+                                                       "submission stays"])
+        return runs
+    return runs + self_critical_run(runner, inputs, results, challenger)
+
+
+def numbers_step(runner: StepRunner, inputs: RunInputs, results: ResultPaths, runs: List[TrainedRun],
+                 best: TrainedRun) -> None:
+    numbers = collect_numbers(inputs, results, [run.folder for run in runs], best.folder)
+    write_json_atomically(results.numbers, numbers, indent=1, sort_keys=True)
+    submitted = numbers["p2"]["submitted"]
+    runner.announce("Numbers", [f"P1 hw3_1.sh: {numbers['p1']['hw3_1']['accuracy']:.2f}% of "
+                                f"{numbers['p1']['hw3_1']['images']} val images",
+                                f"P2 hw3_2.sh with {submitted['run']}: CIDEr {submitted['CIDEr']:.4f}, CLIPScore "
+                                f"{submitted['CLIPScore']:.4f}",
+                                f"all of them, with the checkpoints' sha256: {results.numbers} (compare two runs: "
+                                "bash demo.sh --compare A/numbers.json B/numbers.json)"])
+
+
+def train_first_runs(runner: StepRunner, inputs: RunInputs, results: ResultPaths, jobs: int) -> List[TrainedRun]:
+    """P1's steps and the cross-entropy runs (`jobs` at a time), then the self-critical stage on the best run."""
+    runs, training = cross_entropy_runs(inputs.configs, inputs, results)
+    if jobs > 1:
+        runner.run_together(lanes(training, p1_steps(inputs, results), jobs), results.logs)
+    else:
+        for step in p1_steps(inputs, results) + training:
+            runner.run(step)
+    return runs + self_critical_run(runner, inputs, results, best_run(runs, inputs.toy_world() is None))
 
 
 def run_homework(inputs: RunInputs, results: ResultPaths, build_world: Optional[ToyWorld] = None,
-                 publish: bool = False, check_only: bool = False, jobs: int = 1) -> int:
+                 options: RunOptions = RunOptions(), check_only: bool = False) -> int:
     """The whole pipeline (check_only: the preflight alone); returns the exit status (1: the preflight failed).
-    `build_world`: the toy world to build, or reuse, first. `jobs`: how many of P1's steps and the cross-entropy
-    runs run at once (1: one after another, their output on the terminal). A failing step raises StepFailed."""
+    `build_world`: the toy world to build, or reuse, first. A failing step raises StepFailed."""
     started = time.time()
     runner = StepRunner(None if check_only else results.steps)
     if build_world:
@@ -220,41 +284,33 @@ def run_homework(inputs: RunInputs, results: ResultPaths, build_world: Optional[
     if check_only:
         return 0
     world = inputs.toy_world()
-    runs, training = cross_entropy_runs(inputs, results)
-    if jobs > 1:
-        runner.run_together(lanes(training, p1_steps(inputs, results), jobs), results.logs)
-    else:
-        for step in p1_steps(inputs, results) + training:
-            runner.run(step)
-    runs += self_critical_run(runner, inputs, results, runs)
-    best = choose_best(runner, runs)
-    submission_steps(runner, inputs, results, best)
-    p3_steps(runner, inputs, results, best, world)
-    report_step(runner, results, world, publish)
-
-    numbers = collect_numbers(inputs, results, [run.folder for run in runs], best.folder)
-    write_json_atomically(results.numbers, numbers, indent=1, sort_keys=True)
-    submitted = numbers["p2"]["submitted"]
-    runner.announce("Numbers", [f"P1 hw3_1.sh: {numbers['p1']['hw3_1']['accuracy']:.2f}% of "
-                                f"{numbers['p1']['hw3_1']['images']} val images",
-                                f"P2 hw3_2.sh with {submitted['run']}: CIDEr {submitted['CIDEr']:.4f}, CLIPScore "
-                                f"{submitted['CLIPScore']:.4f}",
-                                f"all of them, with the checkpoints' sha256: {results.numbers} (compare two runs: "
-                                "bash demo.sh --compare A/numbers.json B/numbers.json)"])
-    runner.announce("Publishing the best checkpoint", publication_lines(best, world))
+    runs = train_first_runs(runner, inputs, results, options.jobs)
+    best = submit(runner, inputs, results, runs, world, options)
+    numbers_step(runner, inputs, results, runs, best)
     if world:
-        comparison_step(runner, results, publish)
+        comparison_step(runner, results, options.publish)
+    if inputs.candidates:
+        runs += candidate_runs(runner, inputs, results, best, course_data=world is None)
+        if best_run(runs, world is None) is not best:
+            best = submit(runner, inputs, results, runs, world, options)
+            numbers_step(runner, inputs, results, runs, best)
+    closing_lines(results, runs, best, world, options, time.time() - started)
+    return 0
 
+
+def closing_lines(results: ResultPaths, runs: List[TrainedRun], best: TrainedRun, world: Optional[ToyWorld],
+                  options: RunOptions, seconds: float) -> None:
     def shown(path: Path) -> str:
         return os.path.relpath(path, results.root)
-    print(f"\nDone in {(time.time() - started) / 60:.1f} min; everything is in {results.root}:")
+    report = results.report(options.student_id)
+    print(f"\nDone in {seconds / 60:.1f} min; everything is in {results.root}:")
     print("\n".join("   " + line for line in [
         f"P1      {shown(results.p1_csv)} (hw3_1.sh), {shown(results.p1)}/ (prompt table, top-5, confusions)",
         f"P2      {', '.join(shown(run.folder) for run in runs)} (run folders); {shown(results.val_predictions)} "
         f"(hw3_2.sh, {best.folder.name}), {shown(results.val_scores)} and {shown(results.val_scores_csv)} (scores)",
         f"P3      {shown(results.p3)}/ (figures" + (", grounding)" if world else ")"),
-        f"report  {shown(results.report)}" + (f" (also {PUBLISHED_REPORT})" if publish else ""),
+        f"report  {shown(report)}" + (f" (also {PUBLISHED_REPORT})" if options.publish else "") +
+        f"; your answers to its prose questions: {shown(results.notes)} (edit it, then run the same command again)",
         f"numbers {shown(results.numbers)}; what each step ran: {shown(results.steps)} (the same command again "
         "skips the finished steps)" + (f"; the output of the steps that ran at once: {shown(results.logs)}/"
-                                       if jobs > 1 else "")]))
-    return 0
+                                       if options.jobs > 1 else "")]))

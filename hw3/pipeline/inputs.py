@@ -10,7 +10,7 @@ the toy run and a real run are one code path with other arguments:
 """
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -24,12 +24,11 @@ from hw3.p2.config import TrainConfig
 from hw3.p2.peft import PEFT_KINDS
 from hw3.toy.world import ToyWorld
 
-# The course data's runs: one per PEFT kind on CLIP ViT-L/14 (what the report compares), and the stronger frozen
-# encoders as candidates (docs/encoders.md); the best of all by val CIDEr is submitted.
+# The course data's runs: one per PEFT kind on CLIP ViT-L/14 (what the report compares); the stronger frozen encoders
+# (docs/encoders.md) are candidates trained only when asked (--candidates), after the submission is ready.
 ENCODER_CANDIDATES = ("configs/siglip_adapter.yaml", "configs/dfn5b_adapter.yaml")
 CONFIG_SETS = {"toy": tuple(f"configs/toy_{method}.yaml" for method in PEFT_KINDS),
-               "real": tuple(f"configs/{method}.yaml" for method in PEFT_KINDS) + ENCODER_CANDIDATES,
-               "vitl14": tuple(f"configs/{method}.yaml" for method in PEFT_KINDS)}
+               "real": tuple(f"configs/{method}.yaml" for method in PEFT_KINDS)}
 SCST_CONFIGS = {"toy": "configs/toy_scst.yaml", "real": "configs/scst.yaml"}
 TOY_WORLD_NAME = "toyworld-seed0"  # the cache root's full toy world, shared with the tests
 
@@ -58,6 +57,7 @@ class RunInputs:
     encoder: Optional[str] = None  # P2's frozen image encoder; None: each config's model.encoder
     clip_model: Optional[str] = None  # the P1 model and the CLIPScore model; None: p1_clip.py's and the configs'
     scst_config: Optional[str] = None  # the self-critical stage's config; None: no SCST stage
+    candidates: Tuple[str, ...] = ()  # encoder-candidate configs, trained after the submission is ready
 
     @property
     def layout(self) -> CourseLayout:  # the files of `data`
@@ -136,8 +136,15 @@ class ResultPaths:
         return self.p3 / "top_last"
 
     @property
-    def report(self) -> Path:
-        return self.root / "hw3_report.pdf"
+    def submission(self) -> Path:  # which run is submitted and by which rule (the report reads it)
+        return self.p2 / "submission.json"
+
+    def report(self, student_id: Optional[str] = None) -> Path:  # the course names it hw3_<studentID>.pdf
+        return self.root / (f"hw3_{student_id}.pdf" if student_id else "hw3_report.pdf")
+
+    @property
+    def notes(self) -> Path:  # the student's answers to the report's prose questions (a draft until edited)
+        return self.root / "notes.md"
 
     @property
     def numbers(self) -> Path:
@@ -156,11 +163,15 @@ class ResultPaths:
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:
     """The options that replace a run's configs and models (see the module docstring for the defaults)."""
-    parser.add_argument("--configs", nargs="+", metavar="toy|real|vitl14|FILE",
+    parser.add_argument("--configs", nargs="+", metavar="toy|real|FILE",
                         help="P2 configs: toy (configs/toy_{adapter,prefix,lora}.yaml), real "
-                             "(configs/{adapter,prefix,lora}.yaml and the encoder candidates "
-                             "configs/{siglip,dfn5b}_adapter.yaml), vitl14 (real without the candidates) or config "
-                             "files (default: toy without --data, real with it)")
+                             "(configs/{adapter,prefix,lora}.yaml, CLIP ViT-L/14) or config files (default: toy "
+                             "without --data, real with it)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="with --data: after the submission is ready, also train the encoder candidates "
+                             "configs/{siglip,dfn5b}_adapter.yaml (projected on a 2080 Ti: about 1 hour each, cache "
+                             "build included, and 44 GB more feature cache; docs/encoders.md); the self-critical "
+                             "stage runs on a candidate only if it beats the submission, which it then replaces")
     parser.add_argument("--decoder", help="the course's GPT-2 decoder_model.bin (default: the toy world's; with "
                                           "--data: DATA/p2_data/decoder_model.bin)")
     parser.add_argument("--encoder", help="P2's frozen image encoder: a CLIP name, timm:NAME or a CLIP state_dict "
@@ -196,6 +207,11 @@ def inputs_from_args(args: argparse.Namespace, data: Optional[Path], world: Opti
                        decoder=Path(os.path.abspath(os.path.expanduser(args.decoder or decoder))),
                        encoder=model_source(args.encoder or encoder),
                        clip_model=model_source(args.clip_model or clip_model), scst_config=scst)
-    if len({Path(config).stem for config in inputs.configs}) < len(inputs.configs):
-        raise UserError(f"--configs: two configs share a file name, so their run folders would too: {inputs.configs}")
+    if getattr(args, "candidates", False):
+        if world:
+            raise UserError("--candidates needs --data: the candidates' encoders are real pretrained models")
+        inputs = replace(inputs, candidates=ENCODER_CANDIDATES)
+    configs = inputs.configs + inputs.candidates
+    if len({Path(config).stem for config in configs}) < len(configs):
+        raise UserError(f"--configs: two configs share a file name, so their run folders would too: {configs}")
     return inputs

@@ -7,8 +7,8 @@
             "submitted": {run, CIDEr, CLIPScore, captions_sha256}},
      "p3": {"grounding": {best_layer, words_scored, ratio_by_layer}}}      (p3: toy world only)
 
-Every value is read from the result files; paths are left out (a checkpoint's digest covers its tensors, not its
-metadata, which names the data's folder), so two runs of the same work on the same data give identical files
+Every value is read from the result files; paths are left out (a checkpoint's digest covers its tensors, not the config beside
+it, which names the data's folder), so two runs of the same work on the same data give identical files
 wherever they ran. `compare_numbers` lists what differs ([] = identical); it means something only between runs of
 the same inputs (`input_identity`).
 """
@@ -46,7 +46,7 @@ def run_numbers(run: Path) -> dict:
     summary = read_json(run / "summary.json", "run summary")
     return {"CIDEr": summary["best"]["CIDEr"], "CLIPScore": summary["best"]["CLIPScore"],
             "best_epoch": summary["best_epoch"], "checkpoint_params": summary["checkpoint_params"],
-            "checkpoint_tensors_sha256": tensors_sha256(str(run / "best.safetensors"))}
+            "checkpoint_tensors_sha256": tensors_sha256(str(run / "best.pt"))}
 
 
 def model_identity(model: Optional[str]) -> Optional[str]:
@@ -112,7 +112,7 @@ def compare_files(first: Path, second: Path) -> List[str]:
     return differences
 
 
-PLAIN_PROMPT = "a photo of a {object}. | templates 1 | synonyms no | flip no"
+PLAIN_PROMPT = "a photo of a {object}. | templates 1 | synonyms no | flip yes"  # compared with hw3_1.sh's setting
 
 
 def readme_table(numbers: dict) -> str:
@@ -126,12 +126,12 @@ def readme_table(numbers: dict) -> str:
     submitted = p2["submitted"]
     rows = [("P1 `hw3_1.sh`: 18-template ensemble, mirror images (accuracy)", f"{p1['hw3_1']['accuracy']:.2f}%",
              f"pred.csv {digest(p1['hw3_1']['csv_sha256'])}"),
-            ('P1 plain prompt "a photo of a {object}." (accuracy)', f"{p1['prompts'][PLAIN_PROMPT]:.2f}%",
+            ('P1 plain prompt "a photo of a {object}.", mirror images (accuracy)', f"{p1['prompts'][PLAIN_PROMPT]:.2f}%",
              f"clip.pt {digest(numbers['inputs']['clip_model'])}")]
     for name, run in sorted(p2["runs"].items()):
         rows.append((f"P2 {name}: best val CIDEr / CLIPScore (epoch {run['best_epoch']})",
                      f"{run['CIDEr']:.4f} / {run['CLIPScore']:.4f}",
-                     f"best.safetensors tensors {digest(run['checkpoint_tensors_sha256'])}"))
+                     f"best.pt tensors {digest(run['checkpoint_tensors_sha256'])}"))
     rows.append((f"P2 `hw3_2.sh` with {submitted['run']}, scored by `p2_evaluate.py`: CIDEr / CLIPScore",
                  f"{submitted['CIDEr']:.4f} / {submitted['CLIPScore']:.4f}",
                  f"val_pred.json {digest(submitted['captions_sha256'])}"))
@@ -140,7 +140,7 @@ def readme_table(numbers: dict) -> str:
         ratio = grounding["ratio_by_layer"][str(grounding["best_layer"])]
         rows.append((f"P3 grounding with {submitted['run']}: attention share in the named object's box / the box's "
                      f"share of the image ({grounding['words_scored']} words)", f"{ratio:.2f}x",
-                     f"best.safetensors tensors {digest(p2['runs'][submitted['run']]['checkpoint_tensors_sha256'])}"))
+                     f"best.pt tensors {digest(p2['runs'][submitted['run']]['checkpoint_tensors_sha256'])}"))
     lines = ["| what | number | sha256 of the file |", "|---|---|---|"]
     lines += [f"| {what} | {number} | {made_by} |" for what, number, made_by in rows]
     if "toy_world" in numbers:

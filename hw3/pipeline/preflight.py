@@ -10,6 +10,7 @@ exists and loads); decoder_model.bin with its load report; free disk for the fro
 Image counts: the course data must have the course's (P1 val 2500, P2 10604 train / 1789 val, 5 P3 images); a toy
 world must have those its boxes.json lists.
 """
+import functools
 import importlib.metadata
 import os
 import shutil
@@ -18,19 +19,21 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import clip
 import torch
 
 from hw3.common.clip_models import load_clip
-from hw3.common.download import cached_timm_weights, timm_weights_source
+from hw3.common.download import OK as DOWNLOAD_OK
+from hw3.common.download import (cached_timm_weights, encoder_backbone, preload_backbone,
+                                  timm_weights_source)
 from hw3.common.errors import UserError
 from hw3.common.files import REPO_ROOT, read_json
 from hw3.common.images import list_image_files
 from hw3.p2.config import TrainConfig, load_config
-from hw3.p2.data import CaptionSplit, feature_cache_path, read_split
+from hw3.p2.data import CaptionSplit, feature_cache_path, read_split, resolve_cache_dir
 from hw3.p2.encoder import encoder_token_shape, load_image_encoder
 from hw3.p2.model import load_decoder_with_report
 from hw3.pipeline.inputs import RunInputs
@@ -264,9 +267,10 @@ def check_p3(inputs: RunInputs, counts: Dict[str, int], whose: str) -> Finding:
 # ---- configs and models ---------------------------------------------------------------------------------------------
 
 def check_configs(inputs: RunInputs) -> Tuple[List[Finding], List[TrainConfig]]:
-    """Each config read with the run's overrides, as p2_train.py will read it."""
+    """Each config (the candidates' too, when asked for) read with the run's overrides, as p2_train.py will read
+    it."""
     findings, configs = [], []
-    for name in inputs.configs:
+    for name in inputs.configs + inputs.candidates:
         try:
             config = load_config(str(REPO_ROOT / name), inputs.train_overrides())
         except UserError as error:
@@ -299,10 +303,12 @@ def network_reaches(url: str) -> bool:
 def download_finding(role: str, name: str, url: str, cache: Path) -> Finding:
     if network_reaches(url):
         return Finding(WARN, "models", f"{role} {name}: not cached in {cache}; it will be downloaded on first use",
-                       "bash hw3_download.sh downloads it now")
+                       "`bash demo.sh --fetch` (with your --data, --configs and --candidates) fetches every model "
+                       "the run needs now, so training needs no network")
     return Finding(FAIL, "models", f"{role} {name}: not cached in {cache}, and {urlparse(url).hostname} cannot "
                                    "be reached from here (no network), so the run cannot download it",
-                   f"run `bash hw3_download.sh` on a machine with network and copy {cache} here")
+                   f"run `bash demo.sh --fetch` (with your --data, --configs and --candidates) on a machine with "
+                   f"network and copy {cache} here")
 
 
 def check_model(role: str, name: str, load) -> Finding:
@@ -339,13 +345,41 @@ def check_timm_model(role: str, name: str) -> Finding:
                             Path(HF_HUB_CACHE) / ("models--" + hub_id.replace("/", "--")))
 
 
-def check_models(inputs: RunInputs, configs: Sequence[TrainConfig]) -> List[Finding]:
+def needed_models(inputs: RunInputs, configs: Sequence[TrainConfig]) -> List[Tuple[str, str, Callable]]:
+    """Every pretrained model the run loads: (role, name, the loader of a local model file). `demo.sh --fetch`
+    fetches the same list that the preflight checks."""
     encoders = sorted({(config.model.encoder, config.model.encoder_layer) for config in configs})
-    findings = [check_model(f"P2 encoder (layer {layer})", name, lambda n, layer=layer: load_image_encoder(
-        n, layer=layer)) for name, layer in encoders]
-    findings += [check_model("P1 CLIP", name, load_clip) for name in inputs.p1_models]
+    models = [(f"P2 encoder (layer {layer})", name, functools.partial(load_image_encoder, layer=layer))
+              for name, layer in encoders]
+    models += [("P1 CLIP", name, load_clip) for name in inputs.p1_models]
     scorers = sorted({config.clip_model for config in configs} | {inputs.clipscore_model})
-    return findings + [check_model("CLIPScore CLIP", name, load_clip) for name in scorers]
+    return models + [("CLIPScore CLIP", name, load_clip) for name in scorers]
+
+
+def check_models(inputs: RunInputs, configs: Sequence[TrainConfig]) -> List[Finding]:
+    return [check_model(role, name, load) for role, name, load in needed_models(inputs, configs)]
+
+
+def fetch_models(inputs: RunInputs) -> int:
+    """Downloads into their caches every pretrained model of `needed_models` that has a download (CLIP and timm
+    names; files need none), each once, going on after a failure; returns 0 when all are cached, else 1."""
+    config_findings, configs = check_configs(inputs)
+    failed = [finding for finding in config_findings if finding.level == FAIL]
+    for finding in failed:
+        print(finding, flush=True)
+    backbones = {}
+    for role, name, _ in needed_models(inputs, configs):
+        backbone = encoder_backbone(name)
+        if backbone is None:
+            print(f"{role} {name}: a local file, nothing to download", flush=True)
+        else:
+            backbones.setdefault((backbone.library, backbone.name), backbone)
+    statuses = [preload_backbone(backbone, verify=load_image_encoder) for backbone in backbones.values()]
+    cached = sum(status == DOWNLOAD_OK for status in statuses)
+    problems = len(failed) + len(statuses) - cached
+    print(f"fetch: {cached} of {len(statuses)} models cached" +
+          (f"; {problems} problem(s) above" if problems else "; training needs no network now"), flush=True)
+    return 1 if problems else 0
 
 
 def check_decoder(inputs: RunInputs, course_data: bool) -> Finding:
@@ -381,7 +415,7 @@ def check_feature_cache(configs: Sequence[TrainConfig], splits: Optional[List[Ca
         except UserError as error:
             findings.append(Finding(FAIL, "feature cache", str(error), "give an encoder that loads"))
             continue
-        folder = Path(cache_dir).expanduser()
+        folder = Path(resolve_cache_dir(cache_dir))
         if splits is None:
             images, which = expected_images, "images (the course's P2 count; the data did not read)"
         else:
