@@ -1,6 +1,7 @@
 """demo.py's pieces (hw3/pipeline): both modes fill the same RunInputs, steps are skipped only when they finished
 with the same command and inputs, numbers.json files compare, and demo.sh --help prints help."""
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,8 @@ def test_compare_through_the_command_line(tmp_path, capsys):
 
 def test_the_closing_comparison_runs_only_on_the_reference_inputs(tmp_path, monkeypatch, capsys):
     """demo_numbers.json is compared with a run of the same inputs (toy world hash, models' sha256) only; another
-    run gets one line saying that its inputs have no reference numbers."""
+    run gets one line naming what differs: the data, the CPU arithmetic (with how far the headlines moved) or the
+    pretrained files."""
     reference = read_json(ROOT / "demo_numbers.json")
     monkeypatch.setattr(homework, "PUBLISHED_NUMBERS", ROOT / "demo_numbers.json")
     results = ResultPaths(tmp_path)
@@ -134,12 +136,17 @@ def test_the_closing_comparison_runs_only_on_the_reference_inputs(tmp_path, monk
     moved["p1"]["hw3_1"]["accuracy"] += 1
     assert closing_lines(moved)[1:] == [f"  p1.hw3_1.accuracy: {reference['p1']['hw3_1']['accuracy']!r} vs "
                                         f"{moved['p1']['hw3_1']['accuracy']!r}"]
+    assert closing_lines(dict(reference, arithmetic="0" * 16)) == ["identical"]  # it explains, it is no result
     other_world = dict(moved, toy_world={**reference["toy_world"], "hash": "0123456789abcdef"})
     other_decoder = dict(moved, inputs={**reference["inputs"], "decoder_sha256": "0" * 64})
+    other_cpu = dict(other_decoder, arithmetic="0" * 16)
     course_data = {key: value for key, value in moved.items() if key != "toy_world"}
-    for numbers in (other_world, other_decoder, course_data):
+    for numbers, verdict in ((other_world, "other data: this run read the toy world 0123456789abcdef"),
+                             (course_data, "other data: this run read the course data"),
+                             (other_decoder, "other pretrained files"), (other_cpu, "other CPU arithmetic")):
         lines = closing_lines(numbers)
-        assert len(lines) == 1 and "these inputs have no reference numbers" in lines[0], lines
+        assert len(lines) == 1 and lines[0].startswith("   not comparable: ") and verdict in lines[0], lines
+    assert f"p1.hw3_1.accuracy {reference['p1']['hw3_1']['accuracy']:.4f} -> " in closing_lines(other_cpu)[0]
 
 
 def test_the_readme_quotes_the_committed_numbers():
@@ -153,3 +160,13 @@ def test_demo_sh_help_prints_help():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: demo.sh") and "--data" in result.stdout and "--check" in result.stdout
+
+
+def test_the_arithmetic_fingerprint_tells_two_mkl_paths_apart():
+    """The same machine under another MKL instruction path (what an older CPU computes) gets another fingerprint; the
+    same path gets the same one."""
+    def fingerprint(**environment) -> str:
+        command = [sys.executable, "-c", "from hw3.common.arithmetic import arithmetic_fingerprint as f; print(f())"]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True,
+                              env={**os.environ, **environment}).stdout.strip()
+    assert fingerprint() == fingerprint() != fingerprint(MKL_ENABLE_INSTRUCTIONS="SSE4_2")

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 from hw3.common.files import REPO_ROOT, read_json, sha256_file, write_atomically, write_json_atomically
 from hw3.p2.selection import choose_run
 from hw3.pipeline.inputs import ResultPaths, RunInputs
-from hw3.pipeline.numbers import collect_numbers, compare_files, input_identity
+from hw3.pipeline.numbers import collect_numbers, compare_files, reference_mismatch
 from hw3.pipeline.preflight import passed, run_preflight
 from hw3.pipeline.steps import Step, StepRunner
 from hw3.pipeline.submission import ready_lines
@@ -176,15 +176,13 @@ def publish_file(source: Path, destination: Path) -> None:
 
 def comparison_step(runner: StepRunner, results: ResultPaths, publish: bool) -> None:
     """This run's numbers against the committed ones when this run read the same inputs (toy world hash, models'
-    sha256); then, with `publish`, they replace them."""
+    sha256), else one line saying which differs; then, with `publish`, they replace them."""
     runner.announce(f"This run's numbers against the committed {PUBLISHED_NUMBERS.name} (the default `bash demo.sh`"
                     " on this machine kind; README.md quotes it)")
-    if not PUBLISHED_NUMBERS.is_file():
-        print(f"   {PUBLISHED_NUMBERS} does not exist yet")
-    elif input_identity(read_json(PUBLISHED_NUMBERS, "numbers.json")) != input_identity(
-            read_json(results.numbers, "numbers.json")):
-        print(f"   these inputs have no reference numbers: {PUBLISHED_NUMBERS.name} comes from another toy world or "
-              "other models (its toy world hash or model sha256 differ), so nothing is compared")
+    mismatch = reference_mismatch(read_json(PUBLISHED_NUMBERS, "numbers.json"), read_json(
+        results.numbers, "numbers.json")) if PUBLISHED_NUMBERS.is_file() else f"{PUBLISHED_NUMBERS} does not exist yet"
+    if mismatch:
+        print(f"   not comparable: {mismatch}")
     else:
         compare_files(PUBLISHED_NUMBERS, results.numbers)
     if publish:

@@ -2,6 +2,7 @@
 
     {"inputs": {"decoder_sha256", "encoder", "clip_model"}: the pretrained files' sha256 (a model name as given),
      "toy_world": {generator_version, hash}      (toy world only),
+     "arithmetic": the CPU arithmetic's fingerprint (hw3/common/arithmetic.py; not compared: it explains),
      "p1": {"hw3_1": {images, correct, accuracy, csv_sha256}, "prompts": {"PROMPT | templates T | ...": accuracy}},
      "p2": {"runs": {RUN: {CIDEr, CLIPScore, best_epoch, checkpoint_params, checkpoint_tensors_sha256}},
             "submitted": {run, CIDEr, CLIPScore, captions_sha256}},
@@ -10,12 +11,13 @@
 Every value is read from the result files; paths are left out (a checkpoint's digest covers its tensors, not the config beside
 it, which names the data's folder), so two runs of the same work on the same data give identical files
 wherever they ran. `compare_numbers` lists what differs ([] = identical); it means something only between runs of
-the same inputs (`input_identity`).
+the same inputs (`input_identity`); `reference_mismatch` says which input differs otherwise.
 """
 import csv
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from hw3.common.arithmetic import arithmetic_fingerprint
 from hw3.common.dotted import flatten
 from hw3.common.files import read_json, sha256_file
 from hw3.p2.checkpoint import tensors_sha256
@@ -56,7 +58,8 @@ def model_identity(model: Optional[str]) -> Optional[str]:
 
 def input_numbers(inputs: RunInputs) -> dict:
     numbers = {"inputs": {"decoder_sha256": sha256_file(inputs.decoder), "encoder": model_identity(inputs.encoder),
-                          "clip_model": model_identity(inputs.clip_model)}}
+                          "clip_model": model_identity(inputs.clip_model)},
+               "arithmetic": arithmetic_fingerprint()}
     world = inputs.toy_world()
     if world:
         manifest = world.manifest()
@@ -68,6 +71,34 @@ def input_identity(numbers: dict) -> dict:
     """What the run of a numbers.json read: its "inputs" (the pretrained files' sha256, a model name as given) and
     its toy world's hash (None: no toy world). Two runs' numbers are comparable only when these are equal."""
     return {**numbers.get("inputs", {}), "toy_world_hash": (numbers.get("toy_world") or {}).get("hash")}
+
+
+def reference_mismatch(reference: dict, run: dict) -> Optional[str]:
+    """None when the two runs read the same inputs (their numbers are comparable); else one line saying what
+    differs: the data (another toy world, or the course data), the CPU arithmetic (the same toy world's tiny models
+    come out different on another CPU kind), or the pretrained files."""
+    world, own_world = (reference.get("toy_world") or {}).get("hash"), (run.get("toy_world") or {}).get("hash")
+    if world != own_world:
+        return (f"other data: this run read {'the toy world ' + own_world if own_world else 'the course data'}, the "
+                f"reference {'the toy world ' + world if world else 'the course data'}; nothing is compared")
+    if input_identity(reference) == input_identity(run):
+        return None
+    if reference.get("arithmetic") != run.get("arithmetic"):
+        moved = [f"{name} {headline(reference, name)} -> {headline(run, name)}" for name in HEADLINES
+                 if headline(reference, name) is not None and headline(run, name) is not None]
+        return (f"same toy world, other CPU arithmetic (fingerprint {run.get('arithmetic')} here, "
+                f"{reference.get('arithmetic') or 'not recorded'} in the reference): this CPU kind built other tiny "
+                "models, so every number differs and none is compared (docs/reproducibility.md). How far the "
+                "headline numbers moved: " + "; ".join(moved))
+    return "same toy world and CPU arithmetic, other pretrained files (a model's sha256 differs); nothing is compared"
+
+
+HEADLINES = ("p1.hw3_1.accuracy", "p2.submitted.CIDEr", "p2.submitted.CLIPScore")
+
+
+def headline(numbers: dict, name: str) -> Optional[str]:
+    value = flatten(numbers).get(name)
+    return None if value is None else f"{value:.4f}"
 
 
 def collect_numbers(inputs: RunInputs, results: ResultPaths, runs: Sequence[Path], submitted: Path) -> dict:
@@ -91,8 +122,10 @@ def collect_numbers(inputs: RunInputs, results: ResultPaths, runs: Sequence[Path
 
 
 def compare_numbers(first: dict, second: dict) -> List[str]:
-    """One line per value that differs or is in one file only; [] when the two are identical."""
-    a, b = flatten(first), flatten(second)
+    """One line per value that differs or is in one file only; [] when the two are identical. The arithmetic
+    fingerprint is left out: it explains a difference, it is not a result."""
+    a, b = ({key: value for key, value in flatten(numbers).items() if key != "arithmetic"}
+            for numbers in (first, second))
     missing = object()
     lines = []
     for key in sorted(set(a) | set(b)):
