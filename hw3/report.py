@@ -21,6 +21,7 @@ from matplotlib.figure import Figure  # pages are drawn without pyplot: no displ
 from matplotlib.font_manager import FontProperties
 from PIL import Image
 
+from hw3.common.encoder_names import parse_encoder_name
 from hw3.common.errors import UserError
 from hw3.common.figures import show_picture
 from hw3.common.files import check_writable, read_json, write_atomically, write_text_atomically
@@ -539,11 +540,12 @@ def scst_table(flow: Flow, runs: Dict[str, Tuple[dict, Optional[dict]]], submitt
 def encoder_name(summary: dict) -> str:
     """The run's frozen encoder, short enough for a table column: a CLIP name, a timm architecture up to its patch
     size with its weights' tag (timm:vit_so400m_patch14_siglip_384.webli -> vit_so400m.webli), or a file's name."""
-    encoder = summary.get("encoder") or "-"
-    if encoder.startswith("timm:"):
-        architecture, _, tag = encoder[len("timm:"):].partition(".")
-        return architecture.split("_patch")[0] + (f".{tag.split('@')[0]}" if tag else "")
-    return Path(encoder).name if encoder.endswith((".pt", ".pth", ".bin", ".safetensors")) else encoder
+    encoder = parse_encoder_name(summary.get("encoder") or "-")
+    if encoder.kind == "timm":
+        return encoder.model.split("_patch")[0] + (f".{encoder.tag}" if encoder.tag else "")
+    if encoder.file.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return Path(encoder.file).name
+    return encoder.text
 
 
 def best_run_per_method(summaries: Dict[str, dict]) -> Dict[str, str]:

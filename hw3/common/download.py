@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 from urllib.parse import urlparse
 
+from hw3.common.encoder_names import parse_encoder_name, timm_encoder
 from hw3.common.errors import EXIT_USER_ERROR, UserError
 from hw3.common.files import read_json, sha256_file
 from hw3.common.manifest import Backbone, Checkpoint, config_path, load_manifest
@@ -120,7 +121,8 @@ def timm_weights_source(model_name: str) -> Tuple[str, str]:
     if config is None or not config.hf_hub_id:
         raise UserError(f"timm {timm.__version__} has no Hugging Face weights for {model_name!r} "
                         "(see timm.list_pretrained())")
-    full_name = f"{model_name.split('.')[0]}.{config.tag}" if config.tag else model_name.split(".")[0]
+    architecture = timm_encoder(model_name).model
+    full_name = f"{architecture}.{config.tag}" if config.tag else architecture
     hub_id = config.hf_hub_id
     if "_clip_quickgelu_" in full_name and hub_id == "timm/" + full_name:
         hub_id = "timm/" + full_name.replace("_clip_quickgelu_", "_clip_")
@@ -165,10 +167,10 @@ def timm_weights_file(model_name: str) -> str:
         return hf_hub_download(hub_id, filename)
     except Exception as error:  # offline, hub unreachable, repository or file missing
         from huggingface_hub.constants import HF_HUB_CACHE
-        raise UserError(f"timm:{model_name}: its weights (https://huggingface.co/{hub_id}, {filename}) are not in "
-                        f"the Hugging Face cache {HF_HUB_CACHE} and cannot be downloaded ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}); run `bash hw3_download.sh` where "
-                        "there is network") from error
+        raise UserError(f"{timm_encoder(model_name)}: its weights (https://huggingface.co/{hub_id}, {filename}) are "
+                        f"not in the Hugging Face cache {HF_HUB_CACHE} and cannot be downloaded "
+                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); run "
+                        "`bash hw3_download.sh` where there is network") from error
 
 
 # ---- backbones --------------------------------------------------------------------------------------------------
@@ -189,11 +191,11 @@ def checkpoint_encoder(checkpoint: Checkpoint, path: Path) -> Optional[str]:
 def encoder_backbone(encoder: str) -> Optional[Backbone]:
     """The backbone to pre-load for a P2 encoder name: a CLIP name or "timm:<model>"; None for a local file (the toy
     world's CLIP, "timm:<model>@<file>"), which needs no download."""
-    import clip
-    if encoder in clip.available_models():
-        return Backbone("clip", encoder)
-    if encoder.startswith("timm:") and "@" not in encoder:
-        return Backbone("timm", encoder[len("timm:"):])
+    name = parse_encoder_name(encoder)
+    if name.kind == "clip":
+        return Backbone("clip", name.model)
+    if name.kind == "timm" and not name.file:
+        return Backbone("timm", name.timm_model)
     return None
 
 
@@ -213,7 +215,7 @@ def preload_backbone(backbone: Backbone, verify: Optional[Callable[[str], object
             path = timm_weights_file(backbone.name)
             print(f"backbone {label}: weights file {path}", flush=True)
             if verify is not None:
-                verify(f"timm:{backbone.name}")
+                verify(timm_encoder(backbone.name).text)
     except Exception as error:  # a broken backbone must not hide the others, so report it and go on
         print(f"backbone {label}: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
         return FAILED

@@ -13,8 +13,10 @@ Names (`load_image_encoder(name)`):
   trained with QuickGELU (OpenAI, DFN, MetaCLIP: timm's note "natively QuickGELU") need the `_clip_quickgelu_`
   variant; the plain `_clip_` one computes GELU on them (a warning says so).
 - "timm:<model name>.<tag>@<file>": that architecture with the weights of a local file in any layout timm's
-  checkpoint filter reads (timm, open_clip, OpenAI CLIP). For an OpenAI CLIP state_dict, the sizes (image size,
-  patch, width, depth, heads as width // 64, MLP ratio) come from the file, as clip.model.build_model infers them:
+  checkpoint filter reads (timm, open_clip, OpenAI CLIP); the file is everything after the first "@", so a path may
+  hold "@" and "." (hw3.common.encoder_names, the one parser of these names). For an OpenAI CLIP state_dict, the
+  sizes (image size, patch, width, depth, heads as width // 64, MLP ratio) come from the file, as
+  clip.model.build_model infers them:
   "timm:vit_base_patch16_clip_quickgelu_224.openai@/path/clip.pt" is the toy world's tiny CLIP through timm.
 - the path of a state_dict in OpenAI CLIP's layout (e.g. the toy world's `clip.pt`), loaded by
   hw3.common.clip_models.load_clip.
@@ -36,7 +38,6 @@ import sys
 import warnings
 from typing import Callable, Dict, Optional, Tuple
 
-import clip
 import torch
 import torch.nn as nn
 from clip.model import VisionTransformer
@@ -44,6 +45,7 @@ from torchvision import transforms
 
 from hw3.common.clip_models import clip_transform, is_local_checkpoint, load_clip
 from hw3.common.download import timm_weights_file, timm_weights_source
+from hw3.common.encoder_names import parse_encoder_name
 from hw3.common.errors import UserError
 from hw3.common.files import load_state_dict_file
 
@@ -118,13 +120,14 @@ def load_image_encoder(name: str, device="cpu", pretrained: bool = True, layer: 
     """The encoder called `name` (see the module docstring), its tokens taken from block `layer`. pretrained=False
     builds the same architecture with random weights (tests; nothing is downloaded); a local file always loads its
     weights."""
-    if name.startswith("timm:"):
+    encoder = parse_encoder_name(name)
+    if encoder.kind == "timm":
         return _timm_encoder(name, device, pretrained, layer)
     if name in CLIP_VITS and not pretrained:
         image_size, patch_size, width, layers = CLIP_VITS[name]
         visual = VisionTransformer(image_size, patch_size, width, layers, heads=width // 64, output_dim=768)
         preprocess = clip_transform(image_size)
-    elif name in clip.available_models() or is_local_checkpoint(name):
+    elif encoder.kind == "clip" or is_local_checkpoint(encoder.file):
         model, preprocess = load_clip(name, device)
         visual = model.visual
         if not isinstance(visual, VisionTransformer):
@@ -191,7 +194,8 @@ def _timm_encoder(name: str, device, pretrained: bool, layer: int, **model_args)
     (tests: a tiny model in a real model's layout)."""
     import timm  # imported here: only timm encoders need it
 
-    model_name, _, file = name[len("timm:"):].partition("@")
+    encoder = parse_encoder_name(name)
+    model_name, file = encoder.timm_model, encoder.file
     try:
         config = timm.models.get_pretrained_cfg(model_name)  # None for an architecture without pretrained configs
     except RuntimeError as error:  # a known architecture, an unknown tag
@@ -207,10 +211,10 @@ def _timm_encoder(name: str, device, pretrained: bool, layer: int, **model_args)
     model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_args)
     blocks_up_to(model.blocks, layer)  # checks the range before any weights are read
     tag = model.pretrained_cfg.get("tag") or ""
-    if "." not in model_name:
+    if not encoder.tag:
         warnings.warn(f"{name}: no pretrained tag given, timm uses its default {tag!r}")
     notes = " ".join(model.pretrained_cfg.get("notes") or ())
-    if "QuickGELU" in notes and "_quickgelu_" not in model_name:
+    if "QuickGELU" in notes and "_quickgelu_" not in encoder.model:
         warnings.warn(f"{name}: these weights were trained with QuickGELU (timm: {notes!r}); this variant computes "
                       "GELU (use the '_clip_quickgelu_' model of the same size)")
     if state_dict is None and pretrained:
@@ -233,7 +237,8 @@ def encoder_token_shape(name: str) -> Tuple[int, int, int]:
     if name in CLIP_VITS:
         image_size, patch_size, width, _ = CLIP_VITS[name]
         return (image_size // patch_size) ** 2 + 1, width, image_size
-    if name.startswith("timm:") and "@" not in name:
+    encoder = parse_encoder_name(name)
+    if encoder.kind == "timm" and not encoder.file:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tag / activation warnings are the loader's to give
             built = _timm_encoder(name, "cpu", pretrained=False, layer=-1, depth=1)

@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import clip
-
+from hw3.common.encoder_names import parse_encoder_name
 from hw3.common.errors import UserError
 from hw3.common.files import REPO_ROOT
 from hw3.common.layout import CourseLayout
@@ -36,7 +35,7 @@ TOY_WORLD_NAME = "toyworld-seed0"  # the cache root's full toy world, shared wit
 def model_source(name: Optional[str]) -> Optional[str]:
     """A model as the commands get it: a CLIP or timm name as given, a file as an absolute path (the commands run
     from the repository root, and the path is stored in checkpoints, so both modes must spell it alike)."""
-    if name is None or name in clip.available_models() or name.startswith("timm:"):
+    if name is None or parse_encoder_name(name).kind != "file":
         return name
     return os.path.abspath(os.path.expanduser(name))
 

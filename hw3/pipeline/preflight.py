@@ -29,6 +29,7 @@ from hw3.common.clip_models import load_clip
 from hw3.common.download import OK as DOWNLOAD_OK
 from hw3.common.download import (cached_timm_weights, encoder_backbone, preload_backbone,
                                   timm_weights_source)
+from hw3.common.encoder_names import EncoderName, parse_encoder_name
 from hw3.common.errors import UserError
 from hw3.common.files import REPO_ROOT, read_json
 from hw3.common.images import list_image_files
@@ -313,14 +314,18 @@ def download_finding(role: str, name: str, url: str, cache: Path) -> Finding:
 
 def check_model(role: str, name: str, load) -> Finding:
     """A CLIP or timm name cached (or the download it would need), or a model file that `load(name)` loads."""
-    if name in clip.available_models():
+    try:
+        encoder = parse_encoder_name(name)
+    except UserError as error:
+        return Finding(FAIL, "models", f"{role}: {error}", "give a CLIP name, a timm name or a CLIP state_dict file")
+    if encoder.kind == "clip":
         url = clip.clip._MODELS[name]  # the clip package's own table of weight files
         file = CLIP_CACHE / os.path.basename(url)
         if file.is_file():
             return Finding(OK, "models", f"{role} {name}: cached ({file}, {size_text(file.stat().st_size)})")
         return download_finding(role, name, url, CLIP_CACHE)
-    if name.startswith("timm:") and "@" not in name:  # timm:NAME@FILE: a local file, loaded below
-        return check_timm_model(role, name)
+    if encoder.kind == "timm" and not encoder.file:  # timm:NAME@FILE: a local file, loaded below
+        return check_timm_model(role, encoder)
     try:
         load(name)
     except UserError as error:
@@ -328,12 +333,12 @@ def check_model(role: str, name: str, load) -> Finding:
     return Finding(OK, "models", f"{role} {name}: loads")
 
 
-def check_timm_model(role: str, name: str) -> Finding:
+def check_timm_model(role: str, encoder: EncoderName) -> Finding:
     """A timm encoder's weights in the Hugging Face cache under the hub id and file they are published as (what
     hw3.p2.encoder loads, and hw3_download.sh fetches), or the download they need."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    model_name = name[len("timm:"):]
+    name, model_name = encoder.text, encoder.timm_model
     try:
         hub_id, filename = timm_weights_source(model_name)
     except UserError as error:
