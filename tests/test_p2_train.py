@@ -5,7 +5,6 @@ baseline and the 2x grounding bar (slow)."""
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.p2_toy_baselines import best_fixed_caption
 from caption_fixtures import MINI_GPT, make_mini_world
+from config_headers import stated_trainable_counts
 from decoder import Decoder, GPTConfig, gpt2_parameter_names
 from hw3.common.errors import run_cli
 from hw3.p2 import training
@@ -26,7 +27,7 @@ from hw3.p2.config import load_config
 from hw3.p2.encoder import load_image_encoder
 from hw3.p2.model import MAX_TRAINABLE, CaptionModel, OutputVocabulary, count_trainable, trainable_state_dict
 from hw3.p2.optim import warmup_cosine
-from p2_train import main
+from p2_train import main, toy_world_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -150,6 +151,24 @@ def test_an_output_vocabulary_is_the_softmax_over_those_tokens():
     with pytest.raises(ValueError, match="outside the training vocabulary"):
         vocabulary.targets(torch.tensor([[2]]))
     assert not dict(vocabulary.state_dict())  # never saved in a checkpoint
+
+
+def test_a_configs_decoder_settings_reach_the_trained_and_the_loaded_model_alike(mini, tmp_path):
+    """One builder (model.build_caption_model) for training and load_captioner: the decoder settings a config sets
+    that decoder_model.bin does not hold arrive in the model a run trains and in the one its checkpoint loads into."""
+    config = load_config(str(CONFIGS / "toy_adapter.yaml"), toy_world_settings(str(mini)) + [
+        "model.encoder_layer=-1", "model.decoder.layer_norm_eps=1e-3", "model.decoder.dropout=0.25"])
+    paths = config.data_paths()
+    trained, run_config = training.build_run_model(config, paths, torch.device("cpu"))
+    save_trainable(trained, str(tmp_path / "best.pt"))
+    loaded = load_captioner(str(tmp_path / "best.pt"), paths.decoder)
+
+    def settings(model: CaptionModel) -> dict:
+        return {name: module.eps if isinstance(module, nn.LayerNorm) else module.p
+                for name, module in model.named_modules() if isinstance(module, (nn.LayerNorm, nn.Dropout))}
+    assert settings(loaded) == settings(trained)
+    assert trained.decoder.config == loaded.decoder.config == run_config.model.decoder
+    assert trained.decoder.transformer.ln_f.eps == 1e-3 and trained.decoder.transformer.drop.p == 0.25
 
 
 # ---- whole runs on the mini world -----------------------------------------------------------------------------------
@@ -311,13 +330,6 @@ def test_a_run_killed_or_interrupted_mid_epoch_resumes_to_the_same_tensors(toy_w
     assert_same_tensors(tmp_path / "straight", out)
 
 
-def parameter_comment(path: Path):
-    """(while training, in the checkpoint) from the config's '# Trainable parameters: A while ..., B in ...' line."""
-    match = re.search(r"# Trainable parameters: ([\d,]+) while training.*?, ([\d,]+) in the checkpoint",
-                      path.read_text())
-    return tuple(int(n.replace(",", "")) for n in match.groups())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_real_recipes_fit_the_budget_at_real_size(method, tmp_path):
@@ -328,7 +340,7 @@ def test_real_recipes_fit_the_budget_at_real_size(method, tmp_path):
     model = CaptionModel(config.model, encoder, Decoder(GPTConfig(dropout=config.model.decoder.dropout)))
     checkpoint = str(tmp_path / "model.pt")
     save_trainable(model, checkpoint)
-    expected_training, expected_saved = parameter_comment(path)
+    expected_training, expected_saved = stated_trainable_counts(path)
     assert count_trainable(model) == expected_training < MAX_TRAINABLE
     assert count_checkpoint_params(checkpoint) == expected_saved < MAX_TRAINABLE
     assert set(read_checkpoint(checkpoint)[1]) == set(trainable_state_dict(model))
@@ -360,5 +372,5 @@ def test_toy_config_beats_the_image_blind_baseline(method, toy_world, toy_baseli
     ratio = json.loads((out / "grounding" / "grounding.json").read_text())["table"][0]["ratio"]
     print(f"toy {method}: P3 grounding {ratio:.2f}x the box-area baseline")
     assert ratio >= 2.0  # the default layer's attention mass in the named object's box, vs uniform attention
-    assert summary["checkpoint_params"] == parameter_comment(CONFIGS / f"toy_{method}.yaml")[1]
+    assert summary["checkpoint_params"] == stated_trainable_counts(CONFIGS / f"toy_{method}.yaml")[1]
     assert math.isclose(summary["best"]["CIDEr"], max(e["CIDEr"] for e in summary["epochs"]))

@@ -6,6 +6,7 @@ a file cut short (hw3/common/errors.py). All fast: the mini world, the small toy
 import errno
 import http.server
 import json
+import math
 import os
 import shutil
 import signal
@@ -169,14 +170,14 @@ def test_a_diverging_run_stops_in_one_line_and_saves_nothing_non_finite(mini, tm
 def test_a_model_gone_non_finite_is_never_validated_or_saved(mini, tmp_path, monkeypatch, capsys):
     """A step that leaves an inf or nan in a trained tensor without a non-finite loss or gradient norm: the save
     after it (here the first validation's, which would make it best.pt) refuses."""
-    real_step = training.Trainer.optimizer_step
+    real_step = training.Trainer.step
 
-    def corrupting_step(self):
-        real_step(self)
+    def corrupting_step(self, losses):
+        real_step(self, losses)
         if self.progress.step == 3:  # the first epoch's last step, just before its validation
             with torch.no_grad():
                 next(p for p in self.model.parameters() if p.requires_grad).fill_(float("nan"))
-    monkeypatch.setattr(training.Trainer, "optimizer_step", corrupting_step)
+    monkeypatch.setattr(training.Trainer, "step", corrupting_step)
     out = tmp_path / "run"
     error = cli_error(run_args("toy_lora.yaml", mini, out, tmp_path / "cache", "epochs=2"), capsys)
     assert "training diverged at step 3: the trained tensor " in error and "is not finite" in error, error
@@ -206,44 +207,58 @@ class FakeScaler:
         pass
 
 
-def bare_trainer(amp: bool, grad: float, loss=None) -> training.Trainer:
-    """A Trainer holding only what optimizer_step uses: a Linear layer whose gradients are all `grad`, and the loss
-    of the step's micro-batches when that was not finite."""
-    trainer = training.Trainer.__new__(training.Trainer)
-    trainer.model = torch.nn.Linear(2, 2)
-    for param in trainer.model.parameters():
+def linear_with_gradients(grad: float):
+    """What optimizer_step uses: a Linear layer whose gradients are all `grad`, its SGD optimizer, a constant
+    schedule."""
+    model = torch.nn.Linear(2, 2)
+    for param in model.parameters():
         param.grad = torch.full_like(param, grad)
-    trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
-    trainer.scaler, trainer.config = FakeScaler(amp), load_config(str(CONFIGS / "toy_lora.yaml"))
-    trainer.processes, trainer.device = training.Processes(0, 1, torch.device("cpu")), torch.device("cpu")
-    trainer.progress, trainer.bad_loss, trainer.saved_step = training.Progress(step=4), loss, 3
-    return trainer
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # a skipped step, as with amp
 def test_with_amp_an_overflowing_gradient_is_the_scalers_to_skip_and_a_nan_loss_stops():
-    trainer = bare_trainer(amp=True, grad=float("inf"))
-    before = [p.clone() for p in trainer.model.parameters()]
-    trainer.optimizer_step()  # GradScaler's normal course: skipped, training goes on
-    assert trainer.scaler.skipped == 1 and trainer.progress.step == 5
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    model, optimizer, scheduler = linear_with_gradients(float("inf"))
+    scaler = FakeScaler(enabled=True)
+    before = [p.clone() for p in model.parameters()]
+    training.optimizer_step(model, optimizer, scheduler, scaler, grad_clip=1.0)  # GradScaler's normal course
+    assert scaler.skipped == 1 and scheduler.last_epoch == 1  # skipped, training goes on
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
-    with pytest.raises(training.TrainingDiverged, match="step 5: the loss is nan; likely cause: fp16 overflow"):
-        bare_trainer(amp=True, grad=0.1, loss=float("nan")).optimizer_step()
+    with pytest.raises(training.NonFiniteStep, match="^the loss is nan$"):
+        training.optimizer_step(*linear_with_gradients(0.1), FakeScaler(enabled=True), 1.0, losses=[2.0, math.nan])
 
-    trainer = bare_trainer(amp=False, grad=float("inf"))  # fp32: nothing skips it
+    model, optimizer, scheduler = linear_with_gradients(float("inf"))  # fp32: nothing skips it
+    with pytest.raises(training.NonFiniteStep, match="^the gradient norm is inf$"):
+        training.optimizer_step(model, optimizer, scheduler, FakeScaler(enabled=False), grad_clip=1.0)
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and scheduler.last_epoch == 0  # never applied
+
+    model, optimizer, scheduler = linear_with_gradients(0.1)
+    optimizer.zero_grad = lambda set_to_none: None  # to see the gradients the step used
+    training.optimizer_step(model, optimizer, scheduler, FakeScaler(enabled=False), grad_clip=0.0)  # norm checked
+    assert scheduler.last_epoch == 1  # applied, with the gradients left unclipped:
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.1)) for p in model.parameters())
+
+
+def bare_trainer(amp: bool, grad: float) -> training.Trainer:
+    """A Trainer holding only what Trainer.step uses, over linear_with_gradients(grad), at step 4, saved at 3."""
+    trainer = training.Trainer.__new__(training.Trainer)
+    trainer.model, trainer.optimizer, trainer.scheduler = linear_with_gradients(grad)
+    trainer.scaler, trainer.config = FakeScaler(amp), load_config(str(CONFIGS / "toy_lora.yaml"))
+    trainer.progress, trainer.saved_step = training.Progress(step=4), 3
+    return trainer
+
+
+def test_a_non_finite_step_stops_the_run_in_one_line_saying_what_to_change():
+    trainer = bare_trainer(amp=True, grad=0.1)
+    trainer.step([2.0])
+    assert trainer.progress.step == 5
+    with pytest.raises(training.TrainingDiverged, match="step 6: the loss is nan; likely cause: fp16 overflow"):
+        trainer.step([math.nan])
     with pytest.raises(training.TrainingDiverged, match="step 5: the gradient norm is inf; likely cause: a learning "
                                                         "rate too high for this config"):
-        trainer.optimizer_step()
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # never applied
-
-    trainer = bare_trainer(amp=False, grad=0.1)
-    trainer.config.grad_clip = 0.0  # no clipping: the norm is still checked, the gradients left as they are
-    trainer.optimizer.zero_grad = lambda set_to_none: None  # to see the gradients the step used
-    trainer.optimizer_step()
-    assert trainer.progress.step == 5
-    assert all(torch.equal(p.grad, torch.full_like(p, 0.1)) for p in trainer.model.parameters())
+        bare_trainer(amp=False, grad=float("inf")).step([2.0])
 
 
 # ---- resume -----------------------------------------------------------------------------------------------------

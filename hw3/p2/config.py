@@ -13,6 +13,7 @@ from typing import List, Optional, get_type_hints
 
 import yaml
 
+from decoder import GPTConfig
 from hw3.common.errors import UserError
 from hw3.common.layout import CourseLayout
 from hw3.p2.generation import DecodeConfig
@@ -140,7 +141,10 @@ class TrainConfig:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise UserError(f"unknown config keys: {unknown}")
-        model = CaptionConfig.from_dict(coerce(CaptionConfig, values.pop("model", None) or {}))
+        model = coerce(CaptionConfig, values.pop("model", None) or {})
+        if isinstance(model.get("decoder"), dict):  # a section of its own: `1e-6` is a string to YAML there too
+            model["decoder"] = coerce(GPTConfig, model["decoder"])
+        model = CaptionConfig.from_dict(model)
         sections = {}
         for name, kind in (("decode", DecodeConfig), ("scst", SCSTConfig)):
             section = coerce(kind, values.pop(name, None) or {})

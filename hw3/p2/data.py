@@ -15,6 +15,7 @@ shape and byte length, and the file's length must match its .npy header. Anythin
 replaced under the same names, a record missing after a kill) rebuilds it in place, with a line saying why.
 """
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -25,16 +26,18 @@ import random
 import re
 import shutil
 from dataclasses import dataclass
-from typing import IO, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import IO, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from hw3.common.encoder_names import parse_encoder_name
 from hw3.common.errors import UserError
-from hw3.common.files import CACHE_VARIABLE, cache_root, image_key, read_json, write_json_atomically
+from hw3.common.files import CACHE_VARIABLE, cache_root, image_key, write_json_atomically
 from hw3.common.images import ImageFiles
+from hw3.p2.captions import read_caption_file
 from hw3.p2.encoder import ImageEncoder
 from tokenizer import BPETokenizer, make_caption_batch
 
@@ -56,19 +59,10 @@ class CaptionSplit:
 
 
 def read_split(annotation_file: str, images_root: str) -> CaptionSplit:
-    """Reads a course annotation file ({"images": [{file_name, id}], "annotations": [{caption, image_id}]}). Keeps
-    the images with at least one caption, as the course's scorer does."""
-    data = read_json(annotation_file, "caption annotation file")
-    try:
-        file_names = {image["id"]: image["file_name"] for image in data["images"]}
-        captions: Dict[int, List[str]] = {}
-        for annotation in data["annotations"]:
-            if annotation["image_id"] not in file_names:
-                raise UserError(f"{annotation_file}: annotation {annotation.get('id')} names unknown image_id "
-                                f"{annotation['image_id']}")
-            captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    except (KeyError, TypeError) as error:
-        raise UserError(f"{annotation_file} is not a course caption file: {error!r}") from error
+    """The split of a course caption file (captions.read_caption_file) whose images are in `images_root`. Keeps the
+    images with at least one caption, as the course's scorer does; raises UserError when there are none, or when
+    some are not in `images_root`."""
+    file_names, captions = read_caption_file(annotation_file)
     ids = [image_id for image_id in file_names if image_id in captions]
     if not ids:
         raise UserError(f"{annotation_file} has no captioned images")
@@ -116,11 +110,13 @@ def resolve_cache_dir(cache_dir: str) -> str:
 
 def _encoder_fingerprint(name: str) -> str:
     """An encoder's name, plus its weights file's size and modification time when it names a local file (a CLIP
-    state_dict path, or timm:NAME@FILE): other weights under the same name give another key."""
-    architecture, at, file = name.rpartition("@") if name.startswith("timm:") else ("", "", name)
-    if os.path.isfile(file):
-        stat = os.stat(file)
-        return f"{architecture}{at}{os.path.abspath(file)}:{stat.st_size}:{stat.st_mtime_ns}"
+    state_dict path, or timm:NAME@FILE; the file the loader reads, as hw3.common.encoder_names parses it): other
+    weights under the same name give another key. The file is spelled as an absolute path in the name."""
+    encoder = parse_encoder_name(name)
+    if encoder.file and os.path.isfile(encoder.file):
+        stat = os.stat(encoder.file)
+        spelled = dataclasses.replace(encoder, file=os.path.abspath(encoder.file)).text
+        return f"{spelled}:{stat.st_size}:{stat.st_mtime_ns}"
     return name
 
 

@@ -27,8 +27,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from hw3.common.errors import UserError
-from hw3.common.files import image_key, read_json
+from hw3.common.files import image_key
 from hw3.common.images import ImageFiles, ImageReadError
+from hw3.p2.captions import read_caption_file
 
 
 class ScoringError(UserError):
@@ -40,20 +41,15 @@ class ScoringError(UserError):
 
 
 def load_references(annotation_file: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
-    """Reads a COCO-style caption file. Returns ({image key: [reference captions]}, {image key: file name}).
+    """Reads a COCO-style caption file (captions.read_caption_file). Returns ({image key: [reference captions]},
+    {image key: file name}).
 
     Like the course's scorer, the images that count are those with at least one caption.
     """
-    annotations = read_json(annotation_file, "caption annotation file")
-    try:
-        file_names = {image["id"]: image["file_name"] for image in annotations["images"]}
-        references = defaultdict(list)
-        for annotation in annotations["annotations"]:
-            references[image_key(file_names[annotation["image_id"]])].append(annotation["caption"])
-    except (KeyError, TypeError) as error:
-        raise ScoringError(f"{annotation_file} is not a COCO-style caption file ({type(error).__name__}: {error}): "
-                           "expected {\"images\": [{\"file_name\", \"id\"}], \"annotations\": [{\"caption\", "
-                           "\"image_id\"}]}") from None
+    file_names, captions = read_caption_file(annotation_file)
+    references = defaultdict(list)
+    for image_id, image_captions in captions.items():
+        references[image_key(file_names[image_id])].extend(image_captions)
     key_to_file = {image_key(name): name for name in file_names.values()}
     return dict(references), {key: key_to_file[key] for key in references}
 

@@ -1,6 +1,7 @@
 """The image-conditioned captioner: a frozen ViT encoder, the frozen course GPT-2 with cross-attention to the image
-tokens in chosen blocks, and PEFT (peft.py); its configuration and trainable-parameter accounting. Saving and
-loading trained checkpoints: checkpoint.py.
+tokens in chosen blocks, and PEFT (peft.py); its configuration, its one builder (build_caption_model, for training
+and for load_captioner alike) and trainable-parameter accounting. Saving and loading trained checkpoints:
+checkpoint.py.
 
 Decoding (beam search) computes the image keys/values once per image and reuses them at every step:
     tokens = model.encode_images(images)                    # [B, N, D], frozen encoder
@@ -33,7 +34,7 @@ class CaptionConfig:
     """Everything needed to rebuild a CaptionModel; a checkpoint's .config.json holds it (hw3/p2/checkpoint.py)."""
     encoder: str = "ViT-L/14"  # see hw3/p2/encoder.py
     encoder_layer: int = -1  # which encoder block's tokens (Python-style index; -2: the penultimate block)
-    decoder: GPTConfig = field(default_factory=GPTConfig)  # sizes must match decoder_model.bin; dropout is free
+    decoder: GPTConfig = field(default_factory=GPTConfig)  # sizes: decoder_model.bin's; dropout, layer_norm_eps free
     context_width: int = 768  # width of the shared projection of the image tokens, fed to every cross-attention
     cross_attn_layers: Optional[List[int]] = None  # decoder blocks with cross-attention; None = all
     cross_attn_width: int = 768  # inner width (heads * head_dim) of each cross-attention
@@ -246,10 +247,30 @@ class CaptionModel(nn.Module):
                 if block.cross_attn is not None and block.cross_attn.attention_weights is not None}
 
 
+DECODER_FILE = "a GPT-2 state_dict in the course's decoder_model.bin format"
+FILE_SIZES = ("n_layer", "n_embd", "vocab_size", "block_size")  # the GPTConfig fields decoder_model.bin's shapes give
+
+
+def decoder_settings(config: GPTConfig) -> dict:
+    """The fields of `config` that decoder_model.bin does not hold (n_head, dropout, layer_norm_eps): what a loader
+    passes on top of the file's sizes."""
+    return {f.name: getattr(config, f.name) for f in fields(GPTConfig) if f.name not in FILE_SIZES}
+
+
+def read_decoder_config(path: str, **config_overrides) -> GPTConfig:
+    """The GPTConfig of the course's decoder_model.bin at `path`: sizes from the file (n_head = n_embd // 64),
+    `config_overrides` on top; a file that is not one raises UserError naming it."""
+    state_dict = load_state_dict_file(path, DECODER_FILE)
+    try:
+        return GPTConfig.from_state_dict(state_dict, **config_overrides)
+    except KeyError as error:  # GPT-2's embeddings missing
+        raise UserError(f"{path}: {error.args[0]}") from None
+
+
 def load_decoder_with_report(path: str, **config_overrides) -> Tuple[Decoder, LoadReport]:
     """GPT-2 from the course's decoder_model.bin (sizes from the file, `config_overrides` e.g. dropout) and the
     report of what loaded; a file that is not one raises UserError naming it."""
-    state_dict = load_state_dict_file(path, "a GPT-2 state_dict in the course's decoder_model.bin format")
+    state_dict = load_state_dict_file(path, DECODER_FILE)
     try:
         decoder = Decoder(GPTConfig.from_state_dict(state_dict, **config_overrides))
         return decoder, load_course_weights(decoder, state_dict)
@@ -264,13 +285,19 @@ def load_decoder(path: str, **config_overrides) -> Decoder:
 
 def build_caption_model(config: CaptionConfig, decoder_weights: Optional[str], device="cpu",
                         pretrained_encoder: bool = True, encoder: Optional[str] = None) -> CaptionModel:
-    """A new CaptionModel: encoder `encoder or config.encoder` (pretrained=False: random weights, for tests),
-    GPT-2 loaded from `decoder_weights` (a decoder_model.bin path; None: random weights, for tests)."""
-    image_encoder = load_image_encoder(encoder or config.encoder, device, pretrained_encoder, config.encoder_layer)
+    """THE builder of a captioner, for training (hw3.p2.training) and for loading a checkpoint (load_captioner): a
+    new CaptionModel of `config` on `device`. GPT-2 is loaded from `decoder_weights` (a decoder_model.bin path; None:
+    random weights, for tests) with every decoder setting the file does not hold taken from config.decoder
+    (decoder_settings: n_head, dropout, layer_norm_eps); its sizes must be config.decoder's. The encoder is
+    `encoder or config.encoder` (pretrained_encoder=False: random weights, for tests).
+
+    The decoder is built before the encoder and both before the new modules: the seeded RNG they draw from in this
+    order gives a training run its initial weights."""
     if decoder_weights is None:
         decoder = Decoder(config.decoder)
     else:
-        decoder = load_decoder(decoder_weights, n_head=config.decoder.n_head, dropout=config.decoder.dropout)
+        decoder = load_decoder(decoder_weights, **decoder_settings(config.decoder))
+    image_encoder = load_image_encoder(encoder or config.encoder, device, pretrained_encoder, config.encoder_layer)
     return CaptionModel(config, image_encoder, decoder).to(device)
 
 

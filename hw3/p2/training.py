@@ -20,10 +20,30 @@
   checks every trained tensor first (TrainingDiverged), so best, last and resume.pt never hold inf or nan.
 - One run per folder: train() claims config.out (hw3.p2.run_lock) for the run's lifetime.
 
-The phases, in order: `Trainer(...)` sets up (processes, model, data, objective, optimizer, resume state); `run()`
-trains epoch by epoch (`train_epoch` -> `train_batch` -> `optimizer_step`), validating and saving
-(`validate_and_save`, `save_last`); `finish()` writes the summary. The run folder's files are written by
-run_files.py.
+The model: `run_model_config` completes the config's model for this run (the decoder's sizes from its file) and
+model.build_caption_model, the one builder that load_captioner uses too, builds it.
+
+The step, as plain functions a benchmark or a test calls as the Trainer does:
+
+    backward_batch(model: nn.Module, batch: CaptionBatch, objective: Objective, scaler: GradScaler,
+                   grad_accum: int = 1, sync: bool = True) -> Tuple[float, Dict[str, float]]   # loss, stats
+    optimizer_step(model: nn.Module, optimizer: Optimizer, scheduler, scaler: GradScaler, grad_clip: float,
+                   losses: Sequence[float] = ()) -> None
+
+    optimizer, scheduler, scaler = build_optimizer(model, config, batches_per_epoch, device)
+    objective = CrossEntropy(config.label_smoothing, config.amp)     # or build_objective(...)
+    losses = [backward_batch(model, batch.to(device), objective, scaler, config.grad_accum)[0]
+              for batch in micro_batches]                            # grad_accum of them
+    optimizer_step(model, optimizer, scheduler, scaler, config.grad_clip, losses)
+
+`model` is the captioner or its DistributedDataParallel wrapper (then sync=False for all but a step's last
+micro-batch). optimizer_step raises NonFiniteStep before it applies anything when one of `losses` or the fp32
+gradient norm is not finite; the Trainer turns that into TrainingDiverged.
+
+The phases of a run, in order: `Trainer(...)` sets up (processes and seed, model, resume state, data, objective,
+optimizer); `run()` trains epoch by epoch (`train_epoch`: per micro-batch a seed and backward_batch, per step
+`step` -> optimizer_step), validating and saving (`validate_and_save`, `save_last`); `finish()` writes the summary.
+The run folder's files are written by run_files.py.
 """
 import dataclasses
 import hashlib
@@ -35,16 +55,18 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from statistics import mean
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.cuda.amp import GradScaler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from hw3.common.encoder_names import parse_encoder_name
 from hw3.common.errors import UserError
 from hw3.common.files import check_writable, sha256_file
 from hw3.common.images import ImageFiles
@@ -52,10 +74,11 @@ from hw3.p2.checkpoint import load_trainable, read_tensors
 from hw3.p2.config import DataPaths, TrainConfig
 from hw3.p2.data import (CaptionBatch, CaptionDataset, CaptionSplit, caption_vocabulary, collate_captions,
                          feature_cache, image_batches, read_split, tokenize_captions)
-from hw3.p2.encoder import ImageEncoder, load_image_encoder
+from hw3.p2.encoder import ImageEncoder
 from hw3.p2.generation import autocast_for, caption_images
 from hw3.p2.metrics import ClipScorer, score_captions
-from hw3.p2.model import CaptionModel, load_decoder, parameter_table, trainable_state_dict
+from hw3.p2.model import (CaptionModel, build_caption_model, decoder_settings, parameter_table,
+                          read_decoder_config, trainable_state_dict)
 from hw3.p2.optim import adamw, warmup_cosine_scheduler
 from hw3.p2.run_files import RunFiles, finished_run
 from hw3.p2.run_lock import RunFolderLock
@@ -99,25 +122,31 @@ def setup_processes(device: Optional[str]) -> Processes:
     return Processes(rank, world_size, device)
 
 
-def build_model(config: TrainConfig, paths: DataPaths, device: torch.device) -> Tuple[CaptionModel, TrainConfig]:
-    """GPT-2 from the course file, the frozen encoder, the new modules. Returns the model and the config it was
-    built with: `config` with model.decoder set to the file's sizes and model.encoder to the encoder used (`config`
-    itself is left as it was)."""
-    decoder = load_decoder(paths.decoder, dropout=config.model.decoder.dropout,
-                           layer_norm_eps=config.model.decoder.layer_norm_eps)
-    if config.decode.max_length + 1 > decoder.config.block_size:  # found now, not at the first validation
+def run_model_config(config: TrainConfig, paths: DataPaths) -> TrainConfig:
+    """`config` with its model made whole for this run: the decoder's sizes read from decoder_model.bin (n_head =
+    n_embd // 64, as GPT-2's; a config file's sizes are not used), its other settings (dropout, layer_norm_eps) the
+    config's, and the encoder the run uses. Raises UserError when decode.max_length does not fit the decoder."""
+    settings = {name: value for name, value in decoder_settings(config.model.decoder).items() if name != "n_head"}
+    decoder = read_decoder_config(paths.decoder, **settings)
+    if config.decode.max_length + 1 > decoder.block_size:  # found now, not at the first validation
         raise UserError(f"decode.max_length {config.decode.max_length} + the start token exceeds the decoder's "
-                        f"block_size {decoder.config.block_size}")
-    model_config = dataclasses.replace(config.model, decoder=decoder.config, encoder=paths.encoder)
-    encoder = load_image_encoder(paths.encoder, device, layer=model_config.encoder_layer)
-    return CaptionModel(model_config, encoder, decoder).to(device), dataclasses.replace(config, model=model_config)
+                        f"block_size {decoder.block_size}")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, decoder=decoder, encoder=paths.encoder))
+
+
+def build_run_model(config: TrainConfig, paths: DataPaths, device: torch.device) -> Tuple[CaptionModel, TrainConfig]:
+    """The run's captioner, built by THE builder (model.build_caption_model) from run_model_config's model config,
+    and that config, the one the run saves beside its checkpoints (load_captioner rebuilds the same model from it).
+    `config` itself is left as it was."""
+    config = run_model_config(config, paths)
+    return build_caption_model(config.model, paths.decoder, device), config
 
 
 def encoder_fingerprint(name: str) -> dict:
     """What identifies the encoder's weights: its name, and the sha256 of its file when the name is a local file (a
     CLIP state_dict path, or timm:NAME@FILE). A named encoder's weights are fixed by its name."""
-    file = name.rpartition("@")[2] if name.startswith("timm:") else name
-    return {"name": name, "sha256": sha256_file(file) if os.path.isfile(file) else None}
+    file = parse_encoder_name(name).file
+    return {"name": name, "sha256": sha256_file(file) if file and os.path.isfile(file) else None}
 
 
 def check_same_encoder(saved: Optional[dict], current: dict, out: str) -> None:
@@ -134,6 +163,9 @@ def check_same_encoder(saved: Optional[dict], current: dict, out: str) -> None:
 
 
 # ---- the objectives ------------------------------------------------------------------------------------------------
+
+Objective = Callable[[nn.Module, CaptionBatch], Tuple[torch.Tensor, Dict[str, float]]]  # loss, stats = objective(...)
+
 
 class CrossEntropy:
     """Mean token cross-entropy of a CaptionBatch (stage xe): `loss, stats = objective(model, batch)`, where `model` is
@@ -226,6 +258,68 @@ class TrainingDiverged(UserError):
     """A non-finite loss, gradient norm or trained tensor: the run stops before it applies or saves one."""
 
 
+# ---- the step: plain functions, for the Trainer and for benchmarks ------------------------------------------------
+
+class NonFiniteStep(Exception):
+    """A step whose loss or gradient norm is not finite, found before anything was applied; str(): what is not."""
+
+
+def backward_batch(model: nn.Module, batch: CaptionBatch, objective: Objective, scaler: GradScaler,
+                   grad_accum: int = 1, sync: bool = True) -> Tuple[float, Dict[str, float]]:
+    """Forward and backward of one micro-batch (on the model's device): `loss, stats = objective(model, batch)`,
+    then the GradScaler-scaled loss / grad_accum backpropagated into the parameters' gradients. `model` is the
+    captioner or its DistributedDataParallel wrapper, whose gradients are synchronised across processes only when
+    `sync` (the last micro-batch of a step). Returns the loss's value (maybe not finite: optimizer_step checks it)
+    and the objective's stats."""
+    no_sync = isinstance(model, DistributedDataParallel) and not sync
+    with model.no_sync() if no_sync else nullcontext():
+        loss, stats = objective(model, batch)
+        scaler.scale(loss / grad_accum).backward()
+    return loss.item(), stats
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: GradScaler,
+                   grad_clip: float, losses: Sequence[float] = ()) -> None:
+    """Applies the accumulated gradients of `model` (or its DistributedDataParallel wrapper): unscaled and clipped
+    to norm grad_clip (0: not clipped), GradScaler's step and update, gradients set to None, one scheduler step.
+    Raises NonFiniteStep before applying anything when one of `losses` (the step's micro-batches') or, in fp32, the
+    gradient norm is not finite; under torchrun every process raises it when one finds it. With amp on CUDA the norm
+    is not checked: GradScaler skips a step whose fp16 gradients overflowed and lowers its scale, fp16's normal
+    course."""
+    fp32 = not scaler.is_enabled()
+    grad_norm = None
+    if grad_clip > 0 or fp32:  # in fp32 the norm also tells whether the gradients are finite
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    check_step(losses, grad_norm if fp32 else None, next(model.parameters()).device)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
+def check_step(losses: Sequence[float], grad_norm: Optional[torch.Tensor], device: torch.device) -> None:
+    """Raises NonFiniteStep naming the first non-finite loss of `losses`, else a non-finite `grad_norm`; every
+    process agrees (any_process)."""
+    bad_loss = next((loss for loss in losses if not math.isfinite(loss)), None)
+    detail = None
+    if bad_loss is not None:
+        detail = f"the loss is {bad_loss}"
+    elif grad_norm is not None and not torch.isfinite(grad_norm):
+        detail = f"the gradient norm is {grad_norm.item()}"
+    if any_process(detail is not None, device):
+        raise NonFiniteStep(detail or "another process's loss or gradient norm is not finite")
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds in any training process (all of them get the same answer; one process: `flag`)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    total = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(total)
+    return bool(total.item())
+
+
 # ---- data -------------------------------------------------------------------------------------------------------
 
 class TrainingData(NamedTuple):
@@ -288,6 +382,22 @@ def build_optimizer(model: CaptionModel, config: TrainConfig, batches_per_epoch:
     return optimizer, scheduler, torch.cuda.amp.GradScaler(enabled=config.amp and device.type == "cuda")
 
 
+def seed_process(config: TrainConfig, device: torch.device) -> None:
+    """This process's torch-wide settings: its CPU threads (cpu_threads) and the seed of the new modules' initial
+    weights."""
+    if device.type == "cpu" and config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
+    torch.manual_seed(config.seed)
+
+
+def distributed(model: CaptionModel, processes: Processes) -> nn.Module:
+    """`model` in a DistributedDataParallel wrapper under torchrun; itself in a single process."""
+    if processes.world_size == 1:
+        return model
+    device = processes.device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 @torch.no_grad()
 def validate(model: CaptionModel, data: TrainingData, config: TrainConfig, paths: DataPaths,
              tokenizer: BPETokenizer, scorer: ClipScorer) -> Tuple[Dict[str, float], Dict[str, str]]:
@@ -309,55 +419,60 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, config_file: Optional[str] = None, resume: bool = False,
                  device: Optional[str] = None):
+        # The order matters: the seed before the model (its new modules draw their initial weights from it), the
+        # trained tensors before the optimizer (loading may collapse the prefix MLP).
         self.processes = setup_processes(device)
         self.device = self.processes.device
-        if self.device.type == "cpu" and config.cpu_threads:
-            torch.set_num_threads(config.cpu_threads)
-        torch.manual_seed(config.seed)  # the new modules' initial weights
+        self.stop = StopRequest()  # run() listens for Ctrl-C and SIGTERM; the loop asks it after each step
+        seed_process(config, self.device)
         self.paths = config.data_paths()
-        self.model, self.config = build_model(config, self.paths, self.device)
+        self.model, self.config = build_run_model(config, self.paths, self.device)
         self.config_file = config_file
         self.files = RunFiles(self.config.out, active=self.processes.main)
-        state = self.files.load_resume() if resume else None
-        self.encoder_id = encoder_fingerprint(self.paths.encoder)  # saved in resume.pt
-        if state is not None:
-            check_same_encoder(state.get("encoder"), self.encoder_id, self.config.out)
-        self.load_start(state)
+        state = self.load_start(resume)
         self.tokenizer = BPETokenizer()
-        self.data = load_data(self.config, self.paths, self.model.encoder, self.tokenizer, self.processes)
-        if self.config.train_vocab == "captions":  # the training captions' tokens and the end token
-            token_ids = caption_vocabulary(self.data.train.captions, extra=[EOT_ID])
-            self.model.restrict_output(token_ids)
-            if self.processes.main:
-                print(f"output layer over the {len(token_ids)} tokens of the training captions", flush=True)
+        self.data = self.prepare_data()
         self.scorer = ClipScorer.load(self.paths.clip_model, self.device) if self.processes.main else None
         self.objective = build_objective(self.config, self.paths, self.data.train_split, self.tokenizer,
                                          self.scorer, self.device)
         self.stats: List[Dict[str, float]] = []  # the objective's stats of the batches since the last validation
-        self.bad_loss: Optional[float] = None  # a non-finite loss of the current optimizer step's micro-batches
         self.saved_step: Optional[int] = None  # the step of the state resume.pt holds
         self.sampler = DistributedSampler(self.data.train, num_replicas=self.processes.world_size,
                                           rank=self.processes.rank, shuffle=True, seed=self.config.seed)
         self.batches_per_epoch = math.ceil(len(self.sampler) / self.config.batch_size)
         self.optimizer, self.scheduler, self.scaler = build_optimizer(self.model, self.config, self.batches_per_epoch,
                                                                       self.device)
-        self.forward = DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
-            if self.processes.world_size > 1 else self.model
+        self.forward = distributed(self.model, self.processes)  # what the objective calls
         self.progress = Progress()
         if state is not None:
             self.restore(state)
         self.files.start(self.config, config_file, self.paths)
 
-    def load_start(self, state: Optional[dict]) -> None:
-        """The trained tensors to start from: resume.pt's, or `init`'s checkpoint. Before the optimizer is built:
-        loading may collapse the prefix MLP."""
+    def load_start(self, resume: bool) -> Optional[dict]:
+        """Loads the trained tensors to start from: with `resume`, resume.pt's (refused when the encoder's weights
+        are not the ones it was trained with), else `init`'s checkpoint, if any. Returns resume.pt's state, or
+        None."""
+        state = self.files.load_resume() if resume else None
+        self.encoder_id = encoder_fingerprint(self.paths.encoder)  # saved in resume.pt
         if state is not None:
+            check_same_encoder(state.get("encoder"), self.encoder_id, self.config.out)
             load_trainable(self.model, state["model"], source=str(self.files.resume))
         elif self.config.init:
             load_trainable(self.model, read_tensors(self.config.init), source=self.config.init)
         if self.processes.main:
             print(parameter_table(self.model), flush=True)
+        return state
+
+    def prepare_data(self) -> TrainingData:
+        """load_data's data; with train_vocab 'captions', the model's output layer restricted to the training
+        captions' tokens and the end token."""
+        data = load_data(self.config, self.paths, self.model.encoder, self.tokenizer, self.processes)
+        if self.config.train_vocab == "captions":
+            token_ids = caption_vocabulary(data.train.captions, extra=[EOT_ID])
+            self.model.restrict_output(token_ids)
+            if self.processes.main:
+                print(f"output layer over the {len(token_ids)} tokens of the training captions", flush=True)
+        return data
 
     def restore(self, state: dict) -> None:
         """Optimizer moments, schedule position, GradScaler and progress from a resume.pt state. The optimizer's
@@ -388,7 +503,7 @@ class Trainer:
         """Trains until the epochs (or max_steps) are done; returns the summary (rank 0) or None (other ranks).
         Ctrl-C or SIGTERM stops at the next optimizer step, saves the state for --resume and raises TrainingStopped;
         a second one raises it at once, without saving."""
-        with StopRequest() as self.stop:  # still ours while a stop saves
+        with self.stop:  # still ours while a stop saves
             try:
                 while not self.finished:
                     if self.stop_requested():
@@ -427,33 +542,29 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """Whether any process was asked to stop (all agree, so they stop at the same step)."""
-        requested = self.stop.requested
-        if self.processes.world_size > 1:
-            flag = torch.tensor([float(requested)], device=self.device)
-            dist.all_reduce(flag)
-            requested = bool(flag.item())
-        return requested
+        return any_process(self.stop.requested, self.device)
 
     def train_epoch(self) -> None:
         """The rest of the current epoch (all of it, unless resumed mid-epoch), then validation."""
         config, progress = self.config, self.progress
         epoch = progress.epoch
-        self.sampler.set_epoch(epoch)
-        self.data.train.set_epoch(epoch)
-        order = list(self.sampler)[progress.batches_done * config.batch_size:]  # resume mid-epoch
-        loader = DataLoader(self.data.train, config.batch_size, sampler=order, collate_fn=collate_captions,
-                            num_workers=self.data.workers, pin_memory=self.device.type == "cuda")
-        batch_index, losses, started = progress.batches_done, [], time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.processes.main,
-                   initial=batch_index, total=self.batches_per_epoch)
+        batch_index, losses, step_losses, started = progress.batches_done, [], [], time.time()
+        bar = tqdm(self.epoch_batches(epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=not self.processes.main, initial=batch_index, total=self.batches_per_epoch)
         for batch in bar:
             torch.manual_seed(step_seed(config.seed, self.processes.rank, epoch, batch_index))
             batch_index += 1
             sync = batch_index % config.grad_accum == 0 or batch_index == self.batches_per_epoch
-            losses.append(self.train_batch(batch.to(self.device), sync))
+            loss, stats = backward_batch(self.forward, batch.to(self.device), self.objective, self.scaler,
+                                         config.grad_accum, sync)
+            losses.append(loss)
+            step_losses.append(loss)
+            if stats:
+                self.stats.append(stats)
             if not sync:
                 continue
-            self.optimizer_step()
+            self.step(step_losses)
+            step_losses = []
             progress.batches_done = batch_index
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             self.log_loss(epoch, losses)
@@ -464,59 +575,34 @@ class Trainer:
                 raise StopTraining
             if config.max_steps and progress.step >= config.max_steps:
                 break
+        self.end_epoch(epoch, batch_index, losses, started)
+
+    def epoch_batches(self, epoch: int) -> DataLoader:
+        """The batches of `epoch` not trained yet (all of them, unless resumed mid-epoch), in the sampler's order."""
+        self.sampler.set_epoch(epoch)
+        self.data.train.set_epoch(epoch)
+        order = list(self.sampler)[self.progress.batches_done * self.config.batch_size:]  # resume mid-epoch
+        return DataLoader(self.data.train, self.config.batch_size, sampler=order, collate_fn=collate_captions,
+                          num_workers=self.data.workers, pin_memory=self.device.type == "cuda")
+
+    def end_epoch(self, epoch: int, batch_index: int, losses: List[float], started: float) -> None:
+        """After an epoch's loop (its batches done, or max_steps reached): the progress, then validation and a save,
+        or (val_every and not finished) a save only."""
         if batch_index >= self.batches_per_epoch:
-            progress.epoch, progress.batches_done = epoch + 1, 0
-        if losses and (not config.val_every or self.finished):
+            self.progress.epoch, self.progress.batches_done = epoch + 1, 0
+        if losses and (not self.config.val_every or self.finished):
             self.validate_and_save(epoch + 1, losses, time.time() - started)
         elif self.processes.main:
             self.save_last()
 
-    def train_batch(self, batch: CaptionBatch, sync: bool) -> float:
-        """Forward and backward of one micro-batch (gradients are synchronised across processes only when `sync`);
-        returns its loss."""
-        no_sync = self.processes.world_size > 1 and not sync
-        with self.forward.no_sync() if no_sync else nullcontext():
-            loss, stats = self.objective(self.forward, batch)
-            self.scaler.scale(loss / self.config.grad_accum).backward()
-        if stats:
-            self.stats.append(stats)
-        value = loss.item()
-        if not math.isfinite(value) and self.bad_loss is None:
-            self.bad_loss = value
-        return value
-
-    def optimizer_step(self) -> None:
-        """Clips the accumulated gradients to grad_clip and applies them, unless check_step stops the run."""
-        fp32 = not self.scaler.is_enabled()
-        grad_norm = None
-        if self.config.grad_clip > 0 or fp32:  # in fp32 the norm also tells whether the gradients are finite
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
-        self.check_step(grad_norm if fp32 else None)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+    def step(self, losses: List[float]) -> None:
+        """One optimizer step (optimizer_step) over the micro-batches whose losses are `losses`; a non-finite loss or
+        gradient norm stops the run before it is applied (TrainingDiverged)."""
+        try:
+            optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, self.config.grad_clip, losses)
+        except NonFiniteStep as problem:
+            raise TrainingDiverged(self.divergence(self.progress.step + 1, str(problem))) from None
         self.progress.step += 1
-
-    def check_step(self, grad_norm: Optional[torch.Tensor]) -> None:
-        """Raises TrainingDiverged before the step is applied when a loss of its micro-batches, or `grad_norm`, is not
-        finite; every process agrees. With amp on CUDA no norm is given: GradScaler skips a step whose fp16 gradients
-        overflowed and lowers its scale, fp16's normal course."""
-        detail = None
-        if self.bad_loss is not None:
-            detail = f"the loss is {self.bad_loss}"
-        elif grad_norm is not None and not torch.isfinite(grad_norm):
-            detail = f"the gradient norm is {grad_norm.item()}"
-        self.bad_loss = None
-        diverged = detail is not None
-        if self.processes.world_size > 1:
-            flag = torch.tensor([float(diverged)], device=self.device)
-            dist.all_reduce(flag)
-            diverged = bool(flag.item())
-        if diverged:
-            raise TrainingDiverged(self.divergence(self.progress.step + 1,
-                                                   detail or "another process's loss or gradient norm is not finite"))
 
     def check_finite(self) -> None:
         """Raises TrainingDiverged when a trained tensor holds inf or nan: nothing non-finite is ever saved."""
