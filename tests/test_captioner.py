@@ -12,8 +12,8 @@ from decoder import Decoder, GPTConfig, course_state_dict, select_batch
 from hw3.p2.checkpoint import (CheckpointError, count_checkpoint_params, load_captioner, load_trainable,
                                read_checkpoint, save_trainable, tensors_sha256)
 from hw3.p2.encoder import clip_vit_tokens, load_image_encoder
-from hw3.p2.model import (MAX_TRAINABLE, CaptionConfig, CaptionModel, build_caption_model, load_decoder,
-                          parameter_table, trainable_state_dict)
+from hw3.p2.model import (CaptionConfig, CaptionModel, build_caption_model, load_decoder, parameter_table,
+                          trainable_state_dict)
 
 TINY_GPT = GPTConfig(n_layer=3, n_head=4, n_embd=32, vocab_size=100, block_size=64)
 RECIPES = {  # tiny versions of each PEFT method, cross-attention in a subset of the blocks
@@ -267,14 +267,7 @@ def test_config_json_round_trip_and_validation(files):
 
 
 # ---- real size: ViT-L/14 (width 1024, 257 tokens) + GPT-2 small, random weights -----------------------------------
-REAL_RECIPES = {  # the proposed real-data recipes: cross-attention (width 768) in all 12 blocks + one PEFT method
-    "adapter": (dict(peft=["adapter"], adapter_size=128), 33_895_680),
-    "lora": (dict(peft=["lora"], lora_rank=16, lora_alpha=32, lora_qkv="qkv",
-                  lora_targets=["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]), 31_809_792),
-    "prefix": (dict(peft=["prefix"], prefix_length=20, prefix_hidden=256), 29_524_224),
-}
-
-
+# (The real recipes' counts under the budget, built from configs/{adapter,prefix,lora}.yaml: tests/test_p2_train.py.)
 @pytest.fixture(scope="module")
 def vit_l14():
     return load_image_encoder("ViT-L/14", pretrained=False)
@@ -290,19 +283,6 @@ def test_real_size_encoders(vit_l14):
     with pytest.warns(UserWarning, match="QuickGELU"):
         load_image_encoder("timm:vit_base_patch32_clip_224.openai", pretrained=False)
     assert load_image_encoder("ViT-L/14@336px", pretrained=False).n_tokens == 577
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", sorted(REAL_RECIPES))
-def test_real_size_recipes_fit_the_budget(vit_l14, tmp_path, recipe):
-    values, expected = REAL_RECIPES[recipe]
-    model = CaptionModel(CaptionConfig(encoder="ViT-L/14", **values), vit_l14, Decoder(GPTConfig()))
-    saved = sum(t.numel() for t in trainable_state_dict(model).values())
-    assert saved == expected < MAX_TRAINABLE
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) < MAX_TRAINABLE
-    path = str(tmp_path / "model.pt")
-    assert save_trainable(model, path) == count_checkpoint_params(path) == expected
-    print(f"\n{recipe}:\n{parameter_table(model)}")
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@
 """
 import dataclasses
 import hashlib
-import re
 import socket
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from PIL import Image
 from timm.layers.activations import GELUTanh, QuickGELU
 from torchvision import transforms
 
+from config_headers import stated_trainable_counts
 from decoder import Decoder, GPTConfig
 from hw3.common import download
 from hw3.common.clip_models import CLIP_MEAN, CLIP_STD
@@ -157,13 +157,6 @@ def test_unknown_timm_weights_are_a_user_error():
 
 # ---- the candidate configs ------------------------------------------------------------------------------------------
 
-def header_counts(path: Path):
-    """(while training, in the checkpoint) from the config's '# Trainable parameters: ...' line."""
-    match = re.search(r"# Trainable parameters: ([\d,]+) while training.*?, ([\d,]+) in the checkpoint",
-                      path.read_text())
-    return tuple(int(n.replace(",", "")) for n in match.groups())
-
-
 @pytest.mark.parametrize("config_name", CANDIDATE_CONFIGS)
 def test_candidate_config_trainable_count_and_layout(config_name):
     """The captioner of the config on its tower's real token width (one block: the new modules see only the
@@ -181,7 +174,7 @@ def test_candidate_config_trainable_count_and_layout(config_name):
     torch.manual_seed(0)
     model = CaptionModel(config.model, encoder, Decoder(GPTConfig(dropout=config.model.decoder.dropout)))
     saved = sum(t.numel() for t in trainable_state_dict(model).values())
-    assert (count_trainable(model), saved) == header_counts(path)
+    assert (count_trainable(model), saved) == stated_trainable_counts(path)
     assert max(count_trainable(model), saved) < MAX_TRAINABLE
 
 

@@ -112,15 +112,6 @@ def test_simple_tokenizer_is_labelled(caption_set, tiny_clip_path, capsys):  # n
     assert "APPROXIMATION" in out and RESULT_LINE.match(out.strip().splitlines()[-1])
 
 
-def test_help_lists_the_course_options(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        p2_evaluate.main(["--help"])
-    out = capsys.readouterr().out
-    assert exit_info.value.code == 0
-    for option in ["--pred_file", "--images_root", "--annotation_file", "--clip-model", "--per-image-csv"]:
-        assert option in out
-
-
 def test_missing_clip_checkpoint_is_a_clear_error(caption_set, tmp_path, capsys):  # noqa: F811
     err = cli_error(["--pred_file", caption_set["pred_file"], "--images_root", caption_set["images"],
                      "--annotation_file", caption_set["annotations"],

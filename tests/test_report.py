@@ -590,12 +590,14 @@ def test_interrupted_write_keeps_the_previous_report(tmp_path, capsys, monkeypat
     assert sorted(p.name for p in out.parent.iterdir()) == ["hw3_report.pdf"]  # no temporary file left
 
 
-def test_help_works():
+def test_help_names_the_notes_headings_the_reader_accepts():
+    """--help tells the student how to head each answer: exactly the headings hw3/notes.py reads, in its order (its
+    options, and that it runs at all, are tests/test_docs_commands.py's check)."""
     result = subprocess.run([sys.executable, str(ROOT / "make_report.py"), "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for expected in ["--p2-runs", "--toy-world", "--submitted", "submission.json", "val_scores.json", "--notes",
-                     "## P1 Q1", "## P1 Q2", "## P2", "## P3 Q3", "--draft-notes", "--student-id", "hw3_<ID>.pdf"]:
+    assert re.findall(r"^\s+## (.+?)(?:\s{2,}|$)", result.stdout, re.M) == list(notes_module.QUESTIONS)
+    for expected in ["--toy-world", "submission.json", "val_scores.json", "--draft-notes", "hw3_<ID>.pdf"]:
         assert expected in result.stdout, expected
 
 
