@@ -2,10 +2,12 @@
 through hw3_2.sh (the default decoding), scored by p2_evaluate.py.
 
     python3 bench/p2_scst_gains.py ~/.cache/dlcv-hw3/toyworld-seed0 --runs runs/scst_gains [--methods lora adapter]
-        [--seeds 0 1] [--scst-config configs/toy_scst.yaml] [--scst-threads N] [--json-out gains.json]
+        [--seeds 0 1] [--scst-config configs/toy_scst.yaml] [--scst-threads N] [--set KEY=VALUE ...]
+        [--json-out gains.json]
 
 For each method and seed: p2_train.py with configs/toy_METHOD.yaml (--set seed=S), then the SCST stage over it
-(--init), both skipped when their run folder already holds the finished run. Then each best checkpoint goes through
+(--init), both skipped when their run folder already holds the finished run; --set values go over both stages'
+configs (e.g. `--set epochs=1 val_images=10` for a quick check). Then each best checkpoint goes through
 hw3_2.sh and p2_evaluate.py. Printed per run: CIDEr, CLIPScore, the share of captions in the toy references' most
 frequent template ("There is ... on a noisy background", 19% of the references) and the share ending on a dangling
 word (hw3.p2.scst.DANGLING_WORDS), then the gain of SCST over its cross-entropy start.
@@ -64,6 +66,8 @@ def main(argv=None):
     parser.add_argument("--scst-config", default="configs/toy_scst.yaml")
     parser.add_argument("--scst-threads", type=int,
                         help="CPU threads of the SCST runs (default: the config's; 1 when two benches share 2 cores)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="config overrides for both stages, as p2_train.py --set takes them")
     parser.add_argument("--json-out", help="also write the table as JSON here")
     args = parser.parse_args(argv)
     world = ToyWorld(args.toy_world)
@@ -73,9 +77,10 @@ def main(argv=None):
             xe = os.path.join(args.runs, f"{method}_seed{seed}")
             scst = xe + "_scst"
             run([sys.executable, "p2_train.py", "--config", f"configs/toy_{method}.yaml", "--toy-world",
-                 str(world.root), "--out", xe, "--set", f"seed={seed}"])
-            threads = ["--set", f"cpu_threads={args.scst_threads}"] if args.scst_threads else []
-            run([sys.executable, "p2_train.py", "--init", xe, "--config", args.scst_config, "--out", scst, *threads])
+                 str(world.root), "--out", xe, "--set", f"seed={seed}", *args.overrides])
+            threads = [f"cpu_threads={args.scst_threads}"] if args.scst_threads else []
+            overrides = ["--set", *threads, *args.overrides] if threads or args.overrides else []
+            run([sys.executable, "p2_train.py", "--init", xe, "--config", args.scst_config, "--out", scst, *overrides])
             before, after = evaluate(world, xe), evaluate(world, scst)
             rows.append({"method": method, "seed": seed, "xe": before, "scst": after,
                          "scst_epoch_seconds": round(epoch_seconds(scst), 1),

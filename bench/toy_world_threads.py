@@ -19,6 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from decoder import Decoder, GPTConfig  # noqa: E402
+from hw3.common.clip_models import encode_text_trimmed  # noqa: E402
 from hw3.toy import models  # noqa: E402
 from hw3.toy.world import WorldConfig  # noqa: E402
 
@@ -39,16 +40,18 @@ def clip_step(size: int, batch: int, attributes: bool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     tokens = torch.randint(1, 1000, (batch, CAPTION_TOKENS))
-    tokens[:, -1] = 49407  # the end token: encode_text_short reads the features there
+    tokens[:, -1] = 49407  # the end token (the largest id): encode_text_trimmed reads the features there
     prompts = [torch.randint(1, 1000, (n, 5)) for n in (10, 5)]  # "a {colour} shape." and "a {shape}." prompts
+    for prompt in prompts:
+        prompt[:, -1] = 49407
 
     def step():
         image_features = F.normalize(model.encode_image(models.normalise_images(images)), dim=-1)
-        text_features = F.normalize(models.encode_text_short(model, tokens), dim=-1)
+        text_features = F.normalize(encode_text_trimmed(model, tokens), dim=-1)
         loss = models.contrastive_loss(image_features, text_features, torch.tensor(40.0))
         if attributes:
             for prompt in prompts:
-                logits = image_features @ F.normalize(models.encode_text_short(model, prompt), dim=-1).t()
+                logits = image_features @ F.normalize(encode_text_trimmed(model, prompt), dim=-1).t()
                 loss = loss + F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
