@@ -755,16 +755,23 @@ def p2_facts(inputs: Inputs) -> List[str]:
     return facts
 
 
+def word_peaks(record: dict) -> str:
+    """"; attention peaks: WORD: top left, 12% of the attention | ..." from an attention.json record (its words alone
+    when it holds no peaks)."""
+    if record.get("peaks"):
+        return "; attention peaks: " + " | ".join(f"{word}: {place}" for word, place in record["peaks"]) + "."
+    return f"; one map per word: {' | '.join(record['words'])}" if record.get("words") else ""
+
+
 def p3_facts(inputs: Inputs) -> List[str]:
     _, p3 = inputs.p3_images
     ranks = {r["rank"]: r for r in inputs.top_last[1]["images"]}
     facts = [f"{label} val image by CLIPScore: {r['name']}, CLIPScore {r['clip_score']:.4f}, CIDEr {r['cider']:.4f}: "
              f"\"{r['caption']}\"" for label, r in (("top-1", ranks["top1"]), ("last-1", ranks["last1"]))]
-    facts += [f"{r['name']}: \"{r['caption']}\"" + (f"; one map per word: {' | '.join(r['words'])}" if r.get("words")
-                                                    else "") + caption_check(r, inputs.world, "p3")
+    facts += [f"{r['name']}: \"{r['caption']}\"" + word_peaks(r) + caption_check(r, inputs.world, "p3")
               for r in p3["images"]]
-    facts.append(f"maps of decoder layer {p3['layer']} ({names_only(str(p3['layer_reason']))}); attention.json "
-                 "records each caption's words, not where each word's attention peaks: read that off the figures")
+    facts.append(f"maps of decoder layer {p3['layer']} ({names_only(str(p3['layer_reason']))}); where each word's "
+                 "attention peaks is the patch with the most of it, in thirds of the encoder's view")
     if inputs.grounding:
         g = inputs.grounding[1]
         best = next(r for r in g["table"] if r["layer"] == g["best_layer"])

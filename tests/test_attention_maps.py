@@ -25,6 +25,7 @@ from hw3.p2.checkpoint import save_trainable
 from hw3.p2.generation import DecodeConfig, generate
 from hw3.p2.model import CaptionConfig, build_caption_model
 from hw3.p3 import attention as am
+from hw3.p3.attention import peak_region
 from hw3.p3 import grounding
 from hw3.toy.world import ToyWorld
 from tokenizer import EOT_ID, BPETokenizer
@@ -266,6 +267,7 @@ def test_cli_draws_every_image_and_the_top_and_last_of_a_scores_csv(toy_world_sm
     assert info["decode"] == asdict(DecodeConfig(beam_size=1, max_length=8))
     for record in info["images"]:
         assert Path(record["figure"]).stat().st_size > 10_000 and record["caption"]
+        assert [word for word, _ in record["peaks"]] == record["words"]  # one peak per word the figure shows
     assert f"wrote {tmp_path / 'p3' / 'attention.json'}" in capsys.readouterr().out
 
     val = world.p2_data / "images" / "val"
@@ -392,3 +394,15 @@ def test_notebook_runs_headless_and_draws_figures(toy_world_small, toy_checkpoin
     text = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                    for output in cell.outputs)
     assert "showing layer 0, heads averaged" in text
+
+
+def test_a_words_peak_is_named_by_its_third_of_the_view_and_its_share():
+    grid = torch.full((6, 6), 1.0)
+    grid[0, 5] = 13.0  # 13 of 48
+    assert peak_region(grid) == "top right, 27% of the attention"
+    grid = torch.zeros(6, 6)
+    grid[2, 3] = 1.0
+    assert peak_region(grid) == "centre, 100% of the attention"
+    grid = torch.zeros(7, 7)
+    grid[6, 0] = 1.0
+    assert peak_region(grid) == "bottom left, 100% of the attention"

@@ -109,7 +109,8 @@ def fabricate_p3(p3: Path, world: Path) -> None:
         png(p3 / "images" / f"{name}.png", (1400, 1100))
         records.append({"name": name, "file": f"/data/{name}.jpg", "figure": f"elsewhere/{name}.png",
                         "caption": "An orange star and a red triangle.", "cls_share": 0.2,
-                        "words": ["An", "orange", "star", "and", "a", "red", "triangle", "."]})
+                        "words": ["An", "orange", "star", "and", "a", "red", "triangle", "."],
+                        "peaks": [[word, "top left, 12% of the attention"] for word in ["An", "orange"]]})
     write_json(p3 / "images" / "attention.json", {**common, "images": records})
     ranks = []
     for rank, stem, score in [("top1", "111", 0.8765), ("last1", "222", 0.4321)]:
@@ -441,8 +442,8 @@ def test_draft_notes_hold_the_facts_and_are_never_written_over(tmp_path, capsys)
                    "12,346 parameters in the checkpoint, 20,001 trained"),
             ("P3 Q3", "> top-1 val image by CLIPScore: 111, CLIPScore 0.8765, CIDEr 0.5000: \"A star.\""),
             ("P3 Q3", "> last-1 val image by CLIPScore: 222, CLIPScore 0.4321"),
-            ("P3 Q3", "> bike: \"An orange star and a red triangle.\"; one map per word: An | orange | star | and | "
-                      "a | red | triangle | . Objects in the image: orange star;")]:
+            ("P3 Q3", "> bike: \"An orange star and a red triangle.\"; attention peaks: An: top left, 12% of the "
+                      "attention | orange: top left, 12% of the attention. Objects in the image: orange star;")]:
         section = next(s for s in sections if s.startswith(heading + "\n"))
         assert fact in section, (heading, fact)
     assert all(s.rstrip().endswith("TODO: your answer") for s in sections)

@@ -228,6 +228,20 @@ def word_maps(result: CaptionAttention, words: List[Tuple[str, List[int]]], laye
     return panels
 
 
+def peak_region(grid_map: torch.Tensor) -> str:
+    """Where a word's attention peaks, in words a caption's reader can check against the image: the patch with the
+    most attention, as its third of the encoder's view (top/middle/bottom, left/centre/right), with its share of the
+    map ("top left, 12% of the attention")."""
+    rows, cols = grid_map.shape
+    index = int(torch.argmax(grid_map))
+    row, col = divmod(index, cols)
+    vertical = ("top", "middle", "bottom")[min(2, 3 * row // rows)]
+    horizontal = ("left", "centre", "right")[min(2, 3 * col // cols)]
+    place = "centre" if (vertical, horizontal) == ("middle", "centre") else f"{vertical} {horizontal}"
+    share = float(grid_map.reshape(-1)[index] / grid_map.sum().clamp_min(1e-12))
+    return f"{place}, {100 * share:.0f}% of the attention"
+
+
 # ---- figures ----------------------------------------------------------------------------------------------------
 
 def draw_attention(axis, image: Image.Image, grid_map: Optional[torch.Tensor], view_box: Box, title: str,

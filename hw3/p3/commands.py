@@ -27,7 +27,8 @@ from hw3.p2.checkpoint import load_captioner
 from hw3.p2.generation import DecodeConfig, clean_caption
 from hw3.p2.model import CaptionModel
 from hw3.p3 import grounding
-from hw3.p3.attention import caption_images, caption_words, cross_attention_layers, plot_caption_attention
+from hw3.p3.attention import (caption_images, caption_words, cross_attention_layers, peak_region,
+                               plot_caption_attention, word_maps)
 from tokenizer import BPETokenizer
 
 CSV_COLUMNS = ("file_name", "caption", "cider", "clip_score")  # p2_evaluate.py --per-image-csv
@@ -146,8 +147,10 @@ def draw_figures(images, captioner: Captioner, out_dir="results/p3", top_last: O
         figure_path = out_dir / f"{prefix}{path.stem}.png"
         write_atomically(figure_path, lambda path: figure.savefig(path, dpi=110, format="png"))
         words = caption_words(result, tokenizer, merge_subwords)
+        peaks = [[word, peak_region(grid)] for word, grid in word_maps(result, words, layer, head)[:len(words)]]
         records.append({"name": path.stem, "file": str(path), "figure": str(figure_path), "caption": caption,
-                        "tokens": result.token_ids, "words": [w for w, _ in words], "ended": result.ended,
+                        "tokens": result.token_ids, "words": [w for w, _ in words], "peaks": peaks,
+                        "ended": result.ended,
                         "cls_share": float(result.prefix_share[layer].mean()), **extra})
         if extra and caption != extra["scored_caption"]:
             print(f"note: {path.name}: caption {caption!r} differs from the scored one {extra['scored_caption']!r} "
