@@ -189,7 +189,6 @@ def comparison_step(runner: StepRunner, results: ResultPaths, publish: bool) -> 
         publish_file(results.numbers, PUBLISHED_NUMBERS)
 
 
-
 @dataclass(frozen=True)
 class RunOptions:
     """How the pipeline runs, beyond its inputs."""
