@@ -167,15 +167,16 @@ class RunFiles:
         writes = checkpoint_writes(last, model.config, self.last)
         writes.append((self.resume, lambda path: save_torch(state, path)))
         best = checkpoint_tensors(model) if best_predictions is not None else None
+        best_params = sum(t.numel() for t in best.values()) if best is not None else None
         if best is not None:
             writes += checkpoint_writes(best, model.config, self.best)
             writes.append((self.predictions, json_writer(best_predictions, indent=1, sort_keys=True)))
         if summary is not None:
-            params = sum(t.numel() for t in best.values()) if best is not None else summary["checkpoint_params"]
+            params = summary["checkpoint_params"] if best_params is None else best_params
             writes.append((self.summary, json_writer(dict(summary, checkpoint_params=params), indent=1)))
         self.write(writes, tensor_bytes([best, last, state]))  # last.pt and resume.pt both hold `last`
-        if best is not None:
-            self.best_params = sum(t.numel() for t in best.values())
+        if best_params is not None:
+            self.best_params = best_params
         if summary is not None:
             self.plot()
 

@@ -90,10 +90,14 @@ def lanes(training: List[Step], others: List[Step], jobs: int) -> List[List[Step
     return dealt
 
 
+def picked_run(runs: Sequence[TrainedRun], course_data: bool) -> Tuple[TrainedRun, str]:
+    """The run hw3/p2/selection.py's rule picks by the runs' best val scores, and the rule as a phrase."""
+    name, rule = choose_run({run.folder.name: run.summary["best"] for run in runs}, course_data)
+    return next(run for run in runs if run.folder.name == name), rule
+
+
 def best_run(runs: Sequence[TrainedRun], course_data: bool) -> TrainedRun:
-    """The run hw3/p2/selection.py's rule picks by the runs' best val scores."""
-    name, _ = choose_run({run.folder.name: run.summary["best"] for run in runs}, course_data)
-    return next(run for run in runs if run.folder.name == name)
+    return picked_run(runs, course_data)[0]
 
 
 def self_critical_run(runner: StepRunner, inputs: RunInputs, results: ResultPaths,
@@ -116,8 +120,7 @@ def self_critical_run(runner: StepRunner, inputs: RunInputs, results: ResultPath
 def choose_submission(runner: StepRunner, results: ResultPaths, runs: List[TrainedRun],
                       course_data: bool) -> TrainedRun:
     """The run to submit, by hw3/p2/selection.py's rule; written to RESULTS/p2/submission.json for the report."""
-    name, rule = choose_run({run.folder.name: run.summary["best"] for run in runs}, course_data)
-    best = next(run for run in runs if run.folder.name == name)
+    best, rule = picked_run(runs, course_data)
     lines = [f"{'run':<24} {'val CIDEr':>10} {'CLIPScore':>10} {'best epoch':>11}"]
     for run in runs:
         summary = run.summary
@@ -125,7 +128,7 @@ def choose_submission(runner: StepRunner, results: ResultPaths, runs: List[Train
                      f"{summary['best_epoch']:>11}" + ("   <- submitted: it captions the val images" if run is best
                                                        else ""))
     runner.announce("P2: the run to submit", lines + [f"rule: {rule}"])
-    write_json_atomically(results.submission, {"run": name, "rule": rule,
+    write_json_atomically(results.submission, {"run": best.folder.name, "rule": rule,
                                                "checkpoint_sha256": sha256_file(best.checkpoint)}, indent=1)
     return best
 

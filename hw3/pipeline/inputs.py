@@ -206,7 +206,7 @@ def inputs_from_args(args: argparse.Namespace, data: Optional[Path], world: Opti
                        decoder=Path(os.path.abspath(os.path.expanduser(args.decoder or decoder))),
                        encoder=model_source(args.encoder or encoder),
                        clip_model=model_source(args.clip_model or clip_model), scst_config=scst)
-    if getattr(args, "candidates", False):
+    if args.candidates:
         if world:
             raise UserError("--candidates needs --data: the candidates' encoders are real pretrained models")
         inputs = replace(inputs, candidates=ENCODER_CANDIDATES)

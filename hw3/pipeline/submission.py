@@ -18,10 +18,11 @@ from hw3.common.files import REPO_ROOT
 from hw3.common.manifest import DEFAULT_CHECKPOINT, MANIFEST, load_manifest
 from hw3.p2.checkpoint import count_checkpoint_params, publication_entry
 from hw3.pipeline.inputs import ResultPaths
+from hw3.report import TOY_KEYWORD
 
 PARAMETER_LIMIT = 35_000_000  # the course's limit on the trainable parameters in the checkpoint
 GRADED_SCRIPTS = ("hw3_download.sh", "hw3_1.sh", "hw3_2.sh")
-TOY_REPORT_MARK = b"toy-world"  # hw3/report.py writes it into a toy-world report's PDF metadata (Keywords)
+TOY_REPORT_MARK = f"/Keywords ({TOY_KEYWORD})".encode()  # a toy-world report's PDF metadata, as hw3/report.py writes it
 TA_COMMANDS = ["bash hw3_download.sh",
                "bash hw3_1.sh $1 $2 $3   # $1 image folder, $2 id2label.json, $3 output CSV",
                "bash hw3_2.sh $1 $2 $3   # $1 image folder, $2 output JSON, $3 decoder_model.bin"]
