@@ -29,12 +29,13 @@ Each step prints what it runs and where it writes. A run begins with the preflig
 again, the same command skips the finished steps: p2_train.py leaves a finished run of the same config as it is and
 refuses to replace another one; the other steps are skipped when their outputs exist and came from the same command
 and inputs. P1's steps and the cross-entropy runs run two at a time on the toy world (--jobs; each toy run uses one
-CPU thread), one at a time with --data (one GPU). A toy run whose inputs are the committed ./demo_numbers.json's (the
-same toy world hash and models' sha256) ends by comparing its numbers with it: "identical", or what differs; other
-inputs get one line saying they have no reference numbers. The report goes to RESULTS/hw3_<ID>.pdf (without
---student-id: RESULTS/hw3_report.pdf); its prose answers come from RESULTS/notes.md, which the first run drafts with
-the numbers each answer should cite (edit it, run again). --publish also copies the report to ./hw3_report.pdf and
-RESULTS/numbers.json to ./demo_numbers.json (the committed ones).
+CPU thread), one at a time with --data (one GPU). A toy run ends by comparing its numbers with the committed
+./demo_numbers.json: "identical", or every difference (exit status 1). On another CPU kind the same toy world trains
+other tiny models, so there each number is checked against the spread measured across CPU kinds (./demo_spread.json;
+exit status 1 outside it); a run of other data or other pretrained files gets one line saying so. The report goes to
+RESULTS/hw3_<ID>.pdf (without --student-id: RESULTS/hw3_report.pdf); its prose answers come from RESULTS/notes.md,
+which the first run drafts with the numbers each answer should cite (edit it, run again). --publish also copies the
+report to ./hw3_report.pdf and RESULTS/numbers.json to ./demo_numbers.json (the committed ones).
 """
 import argparse
 import os

@@ -105,6 +105,25 @@ def test_readiness_docs_hold_the_table_of_the_committed_json():
         "paste the output of: python3 bench/readiness.py --table docs/readiness.json"
 
 
+def test_arithmetic_spread(tmp_path):
+    """Two measured paths around the committed numbers: the file keeps both, a label given again replaces its path,
+    and the table it prints is the one --table makes of the file it wrote."""
+    reference = read_json(ROOT / "demo_numbers.json")
+    for name, moved in (("a", 1.0), ("b", -0.5)):
+        numbers = json.loads(json.dumps(reference))
+        numbers["p1"]["hw3_1"]["accuracy"] += moved
+        numbers["inputs"]["clip_model"] = name * 64
+        (tmp_path / f"{name}.json").write_text(json.dumps(numbers))
+    out = tmp_path / "spread.json"
+    run_bench("arithmetic_spread.py", f"path A={tmp_path / 'a.json'}", "--out", out)
+    output = run_bench("arithmetic_spread.py", f"path A={tmp_path / 'b.json'}", f"path=B={tmp_path / 'a.json'}",
+                       "--out", out)
+    spread = read_json(out)
+    assert list(spread["paths"]) == ["path A", "path=B"] and spread["paths"]["path A"]["clip_model"] == "b" * 64
+    table = run_bench("arithmetic_spread.py", "--table", out)
+    assert table.strip() in output and "| path=B | " in table and "| 2.00 |" in table  # 2 x path=B's 1.00 points
+
+
 # ---- the toy world and a trained toy checkpoint ---------------------------------------------------------------------
 
 def test_p2_scst_reward(toy_world_small):

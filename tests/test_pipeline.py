@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.arithmetic_spread import markdown as spread_table
 from demo import main as demo_main
 from hw3.common.errors import UserError
 from hw3.common.files import read_json
@@ -16,6 +17,7 @@ from hw3.pipeline import homework
 from hw3.pipeline.homework import comparison_step, lanes
 from hw3.pipeline.inputs import CONFIG_SETS, ResultPaths, add_input_options, inputs_from_args
 from hw3.pipeline.numbers import compare_numbers, readme_table
+from hw3.pipeline.spread import path_entry, reference_identity, scored_numbers
 from hw3.pipeline.steps import Step, StepFailed, StepRunner
 from hw3.toy.world import ToyWorld
 
@@ -118,35 +120,97 @@ def test_compare_through_the_command_line(tmp_path, capsys):
     assert "x: 1 vs 2" in capsys.readouterr().out
 
 
-def test_the_closing_comparison_runs_only_on_the_reference_inputs(tmp_path, monkeypatch, capsys):
-    """demo_numbers.json is compared with a run of the same inputs (toy world hash, models' sha256) only; another
-    run gets one line naming what differs: the data, the CPU arithmetic (with how far the headlines moved) or the
-    pretrained files."""
+def spread_around(reference: dict, moves: dict) -> dict:
+    """A demo_spread.json around `reference` with one measured path, whose numbers moved by `moves` {key: amount}."""
+    path = path_entry(reference)
+    path["numbers"] = {key: value + moves.get(key, 0.0) for key, value in path["numbers"].items()}
+    return {"reference": reference_identity(reference), "reference_label": "test", "paths": {"measured": path}}
+
+
+def test_the_closing_comparison_names_what_differs_and_checks_other_arithmetic_against_the_spread(
+        tmp_path, monkeypatch, capsys):
+    """demo_numbers.json against a run: identical; the same inputs and arithmetic with a number moved fails and lists
+    it; other data or other pretrained files compare nothing; the same toy world under other CPU arithmetic passes
+    only when every number lies within the spread (2 x the farthest move of its kind on the measured paths)."""
     reference = read_json(ROOT / "demo_numbers.json")
-    monkeypatch.setattr(homework, "PUBLISHED_NUMBERS", ROOT / "demo_numbers.json")
-    results = ResultPaths(tmp_path)
+    monkeypatch.setattr(homework, "PUBLISHED_NUMBERS", tmp_path / "reference.json")
+    monkeypatch.setattr(homework, "PUBLISHED_SPREAD", tmp_path / "spread.json")
+    write_json_atomically(tmp_path / "reference.json", reference)
+    write_json_atomically(tmp_path / "spread.json", spread_around(reference, {"p1.hw3_1.accuracy": 1.0,
+                                                                              "p2.submitted.CIDEr": -0.01}))
+    results = ResultPaths(tmp_path / "run")
 
-    def closing_lines(numbers: dict) -> list:
+    def closing(numbers: dict) -> tuple:
         write_json_atomically(results.numbers, numbers)
-        comparison_step(StepRunner(None), results, publish=False)
-        return capsys.readouterr().out.strip().splitlines()[1:]  # after the step's title
+        passed = comparison_step(StepRunner(None), results, publish=False)
+        return capsys.readouterr().out.strip().splitlines()[1:], passed  # after the step's title
 
-    assert closing_lines(reference) == ["identical"]
-    moved = read_json(ROOT / "demo_numbers.json")
-    moved["p1"]["hw3_1"]["accuracy"] += 1
-    assert closing_lines(moved)[1:] == [f"  p1.hw3_1.accuracy: {reference['p1']['hw3_1']['accuracy']!r} vs "
-                                        f"{moved['p1']['hw3_1']['accuracy']!r}"]
-    assert closing_lines(dict(reference, arithmetic="0" * 16)) == ["identical"]  # it explains, it is no result
-    other_world = dict(moved, toy_world={**reference["toy_world"], "hash": "0123456789abcdef"})
-    other_decoder = dict(moved, inputs={**reference["inputs"], "decoder_sha256": "0" * 64})
-    other_cpu = dict(other_decoder, arithmetic="0" * 16)
-    course_data = {key: value for key, value in moved.items() if key != "toy_world"}
+    def moved(**amounts) -> dict:
+        numbers = read_json(ROOT / "demo_numbers.json")
+        for name, amount in amounts.items():
+            *parents, last = name.split("__")
+            holder = numbers
+            for parent in parents:
+                holder = holder[parent]
+            holder[last] += amount
+        return numbers
+
+    assert closing(reference) == (["   identical"], True)
+    assert closing(dict(reference, arithmetic="0" * 16)) == (["   identical"], True)  # it explains, it is no result
+    accuracy = reference["p1"]["hw3_1"]["accuracy"]
+    lines, passed = closing(moved(p1__hw3_1__accuracy=1))
+    assert not passed and lines[1:] == [f"     p1.hw3_1.accuracy: {accuracy!r} vs {accuracy + 1!r}"]
+    assert lines[0].endswith("on the same inputs and CPU arithmetic:")
+
+    other_models = dict(inputs={**reference["inputs"], "clip_model": "0" * 64})
+    other_world = dict(moved(p1__hw3_1__accuracy=1), toy_world={**reference["toy_world"], "hash": "0123456789abcdef"})
+    course_data = {key: value for key, value in moved(p1__hw3_1__accuracy=1).items() if key != "toy_world"}
     for numbers, verdict in ((other_world, "other data: this run read the toy world 0123456789abcdef"),
                              (course_data, "other data: this run read the course data"),
-                             (other_decoder, "other pretrained files"), (other_cpu, "other CPU arithmetic")):
-        lines = closing_lines(numbers)
-        assert len(lines) == 1 and lines[0].startswith("   not comparable: ") and verdict in lines[0], lines
-    assert f"p1.hw3_1.accuracy {reference['p1']['hw3_1']['accuracy']:.4f} -> " in closing_lines(other_cpu)[0]
+                             (dict(moved(p1__hw3_1__accuracy=1), **other_models), "other pretrained files")):
+        lines, passed = closing(numbers)
+        assert passed and len(lines) == 1 and lines[0].startswith("   not comparable: ") and verdict in lines[0], lines
+
+    # other CPU arithmetic: P1 may move 2.0 points, CIDEr 0.02; CLIPScore and grounding moved nowhere, so not at all
+    other_cpu = dict(arithmetic="0" * 16, **other_models)
+    lines, passed = closing(dict(moved(p1__hw3_1__accuracy=-1.9, p2__submitted__CIDEr=0.015), **other_cpu))
+    assert passed and "other CPU arithmetic" in lines[0] and lines[-1].startswith("   all ")
+    assert f"     p1.hw3_1.accuracy: {accuracy:.4f} -> {accuracy - 1.9:.4f} (-1.9000; within ±2.0000)" in lines
+    for numbers, outside in ((moved(p1__hw3_1__accuracy=2.1), "p1.hw3_1.accuracy"),
+                             (moved(p2__submitted__CLIPScore=0.001), "p2.submitted.CLIPScore"),
+                             (moved(p2__runs__toy_lora__checkpoint_params=1), "checkpoint_params")):
+        lines, passed = closing(dict(numbers, **other_cpu))
+        assert not passed and lines[-1].startswith("   1 number(s) outside the spread"), lines
+        assert [line for line in lines if outside in line and ("OUTSIDE" in line or "no arithmetic" in line)], lines
+    absent = moved()
+    del absent["p2"]["runs"]["toy_lora_scst"]
+    lines, passed = closing(dict(absent, **other_cpu))
+    scst_cider = reference["p2"]["runs"]["toy_lora_scst"]["CIDEr"]
+    assert not passed and f"     p2.runs.toy_lora_scst.CIDEr: {scst_cider:.4f} in the reference, absent here" in lines
+
+    # a spread measured around other reference numbers judges nothing
+    republished = dict(moved(), arithmetic="f" * 16, p2={**reference["p2"], "submitted": {
+        **reference["p2"]["submitted"], "captions_sha256": "0" * 64}})
+    write_json_atomically(tmp_path / "spread.json", spread_around(republished, {"p1.hw3_1.accuracy": 60.0}))
+    lines, passed = closing(dict(moved(p1__hw3_1__accuracy=50), **other_cpu))
+    assert passed and len(lines) == 1 and "demo_spread.json was not measured around these" in lines[0]
+
+
+def test_the_committed_spread_was_measured_around_the_committed_numbers():
+    """demo_spread.json belongs to demo_numbers.json (republishing one means measuring the other again), every path
+    in it ran the same toy world's demo to the end, and docs/reproducibility.md holds its generated table."""
+    reference, spread = read_json(ROOT / "demo_numbers.json"), read_json(ROOT / "demo_spread.json")
+    assert spread["reference"] == reference_identity(reference)
+    assert len(spread["paths"]) >= 3
+    for label, path in spread["paths"].items():
+        assert set(path["numbers"]) == set(scored_numbers(reference)), label
+        assert path["clip_model"] != reference["inputs"]["clip_model"], f"{label}: the reference's own arithmetic"
+    text = (ROOT / "docs" / "reproducibility.md").read_text()
+    start = "<!-- generated: python3 bench/arithmetic_spread.py --table demo_spread.json -->"
+    assert text.count(start) == 1, "docs/reproducibility.md lost its spread table's marker"
+    pasted = text.split(start)[1].split("<!-- end of the generated table -->")[0].strip()
+    assert pasted == spread_table(reference, spread), \
+        "paste the output of: python3 bench/arithmetic_spread.py --table demo_spread.json"
 
 
 def test_the_readme_quotes_the_committed_numbers():
@@ -164,9 +228,10 @@ def test_demo_sh_help_prints_help():
 
 def test_the_arithmetic_fingerprint_tells_two_mkl_paths_apart():
     """The same machine under another MKL instruction path (what an older CPU computes) gets another fingerprint; the
-    same path gets the same one."""
+    same path gets the same one, whatever the process's thread count (the toy runs fix theirs)."""
     def fingerprint(**environment) -> str:
         command = [sys.executable, "-c", "from hw3.common.arithmetic import arithmetic_fingerprint as f; print(f())"]
         return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True,
                               env={**os.environ, **environment}).stdout.strip()
-    assert fingerprint() == fingerprint() != fingerprint(MKL_ENABLE_INSTRUCTIONS="SSE4_2")
+    assert fingerprint() == fingerprint(OMP_NUM_THREADS="1") == fingerprint(OMP_NUM_THREADS="3") != fingerprint(
+        MKL_ENABLE_INSTRUCTIONS="SSE4_2")

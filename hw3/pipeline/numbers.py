@@ -2,7 +2,7 @@
 
     {"inputs": {"decoder_sha256", "encoder", "clip_model"}: the pretrained files' sha256 (a model name as given),
      "toy_world": {generator_version, hash}      (toy world only),
-     "arithmetic": the CPU arithmetic's fingerprint (hw3/common/arithmetic.py; not compared: it explains),
+     "arithmetic": the CPU arithmetic's fingerprint (hw3/common/arithmetic.py; not a result: it explains),
      "p1": {"hw3_1": {images, correct, accuracy, csv_sha256}, "prompts": {"PROMPT | templates T | ...": accuracy}},
      "p2": {"runs": {RUN: {CIDEr, CLIPScore, best_epoch, checkpoint_params, checkpoint_tensors_sha256}},
             "submitted": {run, CIDEr, CLIPScore, captions_sha256}},
@@ -10,18 +10,20 @@
 
 Every value is read from the result files; paths are left out (a checkpoint's digest covers its tensors, not the config beside
 it, which names the data's folder), so two runs of the same work on the same data give identical files
-wherever they ran. `compare_numbers` lists what differs ([] = identical); it means something only between runs of
-the same inputs (`input_identity`); `reference_mismatch` says which input differs otherwise.
+wherever they ran. `compare_numbers` lists what differs ([] = identical); `closing_comparison` is the demo's verdict
+on a run against the committed reference: identical, the differences, what input differs, or (under other CPU
+arithmetic) each number against the measured spread.
 """
 import csv
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from hw3.common.arithmetic import arithmetic_fingerprint
 from hw3.common.dotted import flatten
 from hw3.common.files import read_json, sha256_file
 from hw3.p2.checkpoint import tensors_sha256
 from hw3.pipeline.inputs import ResultPaths, RunInputs
+from hw3.pipeline.spread import check_against_spread, reference_identity
 
 
 def read_rows(path: Path) -> List[dict]:
@@ -73,32 +75,37 @@ def input_identity(numbers: dict) -> dict:
     return {**numbers.get("inputs", {}), "toy_world_hash": (numbers.get("toy_world") or {}).get("hash")}
 
 
-def reference_mismatch(reference: dict, run: dict) -> Optional[str]:
-    """None when the two runs read the same inputs (their numbers are comparable); else one line saying what
-    differs: the data (another toy world, or the course data), the CPU arithmetic (the same toy world's tiny models
-    come out different on another CPU kind), or the pretrained files."""
+def closing_comparison(reference: dict, run: dict, spread: Optional[dict]) -> Tuple[List[str], bool]:
+    """A toy run's numbers against the reference's: (the lines to print, whether the run passed).
+
+    "identical" when every number is; otherwise the verdict names what differs. Other data (another toy world, or
+    the course data) or other pretrained files under the same arithmetic: nothing is compared. The same toy world
+    under other CPU arithmetic (another fingerprint): every number is checked against the spread measured across
+    CPU kinds (`spread`, demo_spread.json; hw3/pipeline/spread.py). The same inputs and arithmetic: every
+    difference is listed, and the run fails."""
     world, own_world = (reference.get("toy_world") or {}).get("hash"), (run.get("toy_world") or {}).get("hash")
     if world != own_world:
-        return (f"other data: this run read {'the toy world ' + own_world if own_world else 'the course data'}, the "
-                f"reference {'the toy world ' + world if world else 'the course data'}; nothing is compared")
-    if input_identity(reference) == input_identity(run):
-        return None
+        return [f"not comparable: other data: this run read "
+                f"{'the toy world ' + own_world if own_world else 'the course data'}, the reference "
+                f"{'the toy world ' + world if world else 'the course data'}; nothing is compared"], True
+    differences = compare_numbers(reference, run)
+    if not differences:
+        return ["identical"], True
     if reference.get("arithmetic") != run.get("arithmetic"):
-        moved = [f"{name} {headline(reference, name)} -> {headline(run, name)}" for name in HEADLINES
-                 if headline(reference, name) is not None and headline(run, name) is not None]
-        return (f"same toy world, other CPU arithmetic (fingerprint {run.get('arithmetic')} here, "
-                f"{reference.get('arithmetic') or 'not recorded'} in the reference): this CPU kind built other tiny "
-                "models, so every number differs and none is compared (docs/reproducibility.md). How far the "
-                "headline numbers moved: " + "; ".join(moved))
-    return "same toy world and CPU arithmetic, other pretrained files (a model's sha256 differs); nothing is compared"
-
-
-HEADLINES = ("p1.hw3_1.accuracy", "p2.submitted.CIDEr", "p2.submitted.CLIPScore")
-
-
-def headline(numbers: dict, name: str) -> Optional[str]:
-    value = flatten(numbers).get(name)
-    return None if value is None else f"{value:.4f}"
+        cause = (f"same toy world, other CPU arithmetic (fingerprint {run.get('arithmetic')} here, "
+                 f"{reference.get('arithmetic') or 'not recorded'} in the reference): this CPU kind trains other tiny "
+                 "models, so no number comes back exactly")
+        if not spread or spread.get("reference") != reference_identity(reference):
+            return [f"not comparable: {cause}, and demo_spread.json was not measured around these reference "
+                    "numbers, so nothing is compared (docs/reproducibility.md)"], True
+        lines, passed = check_against_spread(reference, run, spread)
+        return ([f"{cause}; each number against the spread measured across CPU kinds (docs/reproducibility.md):"]
+                + [f"  {line}" for line in lines[:-1]] + [lines[-1]]), passed
+    if input_identity(reference) == input_identity(run):
+        return [f"{len(differences)} difference(s) from the reference, on the same inputs and CPU arithmetic:"] + [
+            f"  {line}" for line in differences], False
+    return ["not comparable: same toy world and CPU arithmetic, other pretrained files (a model's sha256 differs); "
+            "nothing is compared"], True
 
 
 def collect_numbers(inputs: RunInputs, results: ResultPaths, runs: Sequence[Path], submitted: Path) -> dict:
