@@ -32,7 +32,7 @@ from hw3.toy.world import ToyWorld
 
 PUBLISHED_REPORT = REPO_ROOT / "hw3_report.pdf"
 PUBLISHED_NUMBERS = REPO_ROOT / "demo_numbers.json"  # the default toy run's numbers.json, which README.md quotes
-PUBLISHED_SPREAD = REPO_ROOT / "demo_spread.json"  # how far those numbers move on other CPU kinds (bench/arithmetic_spread.py)
+PUBLISHED_SPREAD = REPO_ROOT / "demo_spread.json"  # how far they move on other CPU kinds (bench/arithmetic_spread.py)
 
 
 def option(flag: str, value) -> List[str]:
